@@ -1,0 +1,63 @@
+"""Per-example work shared across processes: the resumable, sharded loop used by every caching stage.
+
+Under ``accelerate launch --num_processes N`` each process takes every N-th *pending* example of the same
+sorted list, so the processes cover each example exactly once. Outputs are keyed by example folder (the
+example id), never by loop position, so the shard assignment may change between runs without harm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def process_state():
+    """accelerate's PartialState: process index/count and device, for single runs and ``accelerate launch``."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def shard(items: Sequence[T], index: int, count: int) -> list[T]:
+    """The items of process ``index`` out of ``count``: every ``count``-th item starting at ``index``."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"bad shard {index} of {count}")
+    return list(items[index::count])
+
+
+def batched(items: Sequence[T], batch_size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), batch_size):
+        yield list(items[start : start + batch_size])
+
+
+def pending_for_this_process(
+    example_dirs: Sequence[Path], is_done: Callable[[Path], bool], *, overwrite: bool, what: str
+) -> list[Path]:
+    """Pending examples of this process: not finished yet (unless ``overwrite``), then sharded."""
+    state = process_state()
+    todo = list(example_dirs) if overwrite else [d for d in example_dirs if not is_done(d)]
+    skipped = len(example_dirs) - len(todo)
+    mine = shard(todo, state.process_index, state.num_processes)
+    if state.is_main_process:
+        log.info(
+            "%s: %d example(s), %d already done, %d to do on %d process(es)",
+            what,
+            len(example_dirs),
+            skipped,
+            len(todo),
+            state.num_processes,
+        )
+    return mine
+
+
+def progress(total: int, desc: str, unit: str = "ex"):
+    """A tqdm bar shown by the main process only."""
+    state = process_state()
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if state.is_local_main_process else True)
