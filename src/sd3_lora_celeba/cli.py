@@ -119,6 +119,18 @@ def _unavailable(name: str, help_text: str) -> click.Command:
     return click.Command(name, callback=run, help=help_text)
 
 
+def _print_version(ctx: click.Context) -> None:
+    import importlib.metadata
+
+    click.echo(f"sd3-lora-celeba {__version__}")
+    for lib in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            click.echo(f"  {lib} {importlib.metadata.version(lib)}")
+        except importlib.metadata.PackageNotFoundError:
+            click.echo(f"  {lib} not installed")
+    ctx.exit(0)
+
+
 def setup_logging(quiet: bool, style: str) -> None:
     level = logging.WARNING if quiet else logging.INFO
     root = logging.getLogger()
@@ -142,7 +154,14 @@ def setup_logging(quiet: bool, style: str) -> None:
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(__version__, "--version", prog_name="sd3-lora-celeba")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+    help="Show the version of sd3-lora-celeba and of its main libraries, then exit.",
+)
 @click.option("--quiet", is_flag=True, help="Only print warnings and errors; no progress bars.")
 @click.option(
     "--logging-style",
