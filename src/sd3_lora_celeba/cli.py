@@ -176,6 +176,13 @@ def cli(quiet: bool, logging_style: str) -> None:
 
 
 def main() -> None:
+    # tqdm reads TQDM_DISABLE when it is imported, which happens while click resolves the subcommand,
+    # before the group callback runs: decide it from the group options up front.
+    for arg in sys.argv[1:]:
+        if not arg.startswith("-"):
+            break
+        if arg == "--quiet":
+            os.environ["TQDM_DISABLE"] = "1"
     cli(prog_name="sd3")
 
 
