@@ -20,9 +20,15 @@ log = logging.getLogger(__name__)
 
 def process_state():
     """accelerate's PartialState: process index/count and device, for single runs and ``accelerate launch``."""
+    import os
+
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # accelerate sets up CPU multi-processing (gloo) only when asked for the CPU; without CUDA (or under
+    # ``accelerate launch --cpu``) ask for it, so that torchrun-style launches on CPU shard the work too.
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=use_cpu or not torch.cuda.is_available())
 
 
 def shard(items: Sequence[T], index: int, count: int) -> list[T]:
@@ -45,6 +51,9 @@ def pending_for_this_process(
     todo = list(example_dirs) if overwrite else [d for d in example_dirs if not is_done(d)]
     skipped = len(example_dirs) - len(todo)
     mine = shard(todo, state.process_index, state.num_processes)
+    # Every process must list what is pending before any of them writes an output, or a fast process
+    # could shrink a slow one's list and the shards would no longer line up.
+    state.wait_for_everyone()
     if state.is_main_process:
         log.info(
             "%s: %d example(s), %d already done, %d to do on %d process(es)",
