@@ -1,0 +1,370 @@
+"""The cached training dataset: latents and the three prompt embeddings of each example, joined by example id.
+
+Each sample is built from the files of ONE example folder (``latent_dist.safetensors`` and
+``prompt_embeds_{1,2,3}.safetensors``, see :mod:`sd3_lora_celeba.layout`), so latents and captions can never be
+paired by loop position (the bug of the diffusers SD3 LoRA script, diffusers issue 14430).
+
+Joining follows ``StableDiffusion3Pipeline.encode_prompt``::
+
+    clip = cat([CLIP-L (77, 768), CLIP-G (77, 1280)], -1)      # (77, 2048)
+    prompt_embeds = cat([pad(clip, to 4096), T5 (L, 4096)], -2)  # (77 + L, 4096)
+    pooled_prompt_embeds = cat([CLIP-L (768), CLIP-G (1280)])   # (2048,)
+
+Every random choice of a sample (flip, latent noise, caption variant, caption dropout) comes from a generator
+seeded with the sample seed of the item ``(index, sample_seed)``, so a sampler yielding such pairs makes the
+data stream reproducible whatever the worker count or loader order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sd3_lora_celeba import layout
+from sd3_lora_celeba.encode import latents as latent_cache
+from sd3_lora_celeba.encode import prompts as prompt_cache
+from sd3_lora_celeba.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ENCODERS = (1, 2, 3)
+EMPTY_VARIANT = "empty"
+
+
+_OVERWRITE_HINT = " (add --overwrite to redo the files made with other settings)"
+
+
+def _compute_latents_fix(example_dir: Path, overwrite_hint: bool = True) -> str:
+    return f"run sd3 compute-latent-dist {example_dir.parent}" + (_OVERWRITE_HINT if overwrite_hint else "")
+
+
+def _compute_prompts_fix(encoder: int, example_dir: Path, overwrite_hint: bool = True) -> str:
+    # The empty-prompt folder is its own target (README: sd3 compute-prompt-embeds N .../empty-prompt).
+    target = example_dir if example_dir.name == layout.EMPTY_PROMPT_DIR else example_dir.parent
+    return f"run sd3 compute-prompt-embeds {encoder} {target}" + (_OVERWRITE_HINT if overwrite_hint else "")
+
+
+@dataclass(frozen=True)
+class _PromptCacheInfo:
+    path: Path
+    meta: dict[str, str]
+    keys: frozenset[str]
+    tensors: dict[str, Tensor]  # those of ``load_variant`` (if asked for and present), else empty
+
+
+def _prompt_cache_info(example_dir: Path, encoder: int, load_variant: str | None = None) -> _PromptCacheInfo:
+    """Header (metadata, tensor names) of one prompt-embeds file, and the tensors of ``load_variant`` read in
+    the same open (one open per file and sample); InputError naming the fix when the file is missing."""
+    from safetensors import safe_open
+
+    path = example_dir / layout.prompt_embeds_file(encoder)
+    if not path.is_file():
+        raise InputError(
+            f"{example_dir.name}: {path} is missing; {_compute_prompts_fix(encoder, example_dir, False)}"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, keys = dict(f.metadata() or {}), frozenset(f.keys())
+            prefix = f"{load_variant}."
+            tensors = {
+                k[len(prefix) :]: f.get_tensor(k) for k in keys if load_variant and k.startswith(prefix)
+            }
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
+        raise InputError(
+            f"{example_dir.name}: {path} is unreadable ({exc}); delete it and run the command again"
+        ) from None
+    if meta.get("format") != prompt_cache.FORMAT:
+        raise InputError(
+            f"{example_dir.name}: {path} is not a prompt-embeds cache; delete it and run the command again"
+        )
+    return _PromptCacheInfo(path, meta, keys, tensors)
+
+
+def _check_prompt_caches(
+    example_dir: Path,
+    variants: Sequence[str],
+    *,
+    model_name: str | None,
+    model_revision: str | None,
+    max_sequence_length: int | None,
+    load_variant: str | None = None,
+) -> dict[int, _PromptCacheInfo]:
+    """The three prompt caches of an example, checked: present, same model, T5 length, variants, fresh text."""
+    infos = {i: _prompt_cache_info(example_dir, i, load_variant) for i in ENCODERS}
+    first = infos[1].meta
+    want_model = model_name if model_name is not None else first.get("model_name")
+    want_revision = model_revision if model_revision is not None else first.get("model_revision", "")
+    for i, info in infos.items():
+        for key, want in (("model_name", want_model), ("model_revision", want_revision)):
+            if info.meta.get(key) != want:
+                raise InputError(
+                    f"{example_dir.name}: {info.path} was made with {key}={info.meta.get(key)!r}, expected {want!r}; "
+                    f"{_compute_prompts_fix(i, example_dir)}"
+                )
+    t5_length = infos[3].meta.get("max_sequence_length")
+    if max_sequence_length is not None and t5_length != str(max_sequence_length):
+        raise InputError(
+            f"{example_dir.name}: {infos[3].path} was made with max_sequence_length={t5_length}, expected "
+            f"{max_sequence_length}; run sd3 compute-prompt-embeds 3 {example_dir.parent} --overwrite "
+            f"--max-sequence-length {max_sequence_length}"
+        )
+    for variant in variants:
+        for i, info in infos.items():
+            if prompt_cache.tensor_key(variant, prompt_cache.PROMPT_EMBEDS) not in info.keys:
+                raise InputError(
+                    f"{example_dir.name}: {info.path} lacks prompt variant '{variant}'; "
+                    f"{_compute_prompts_fix(i, example_dir)}"
+                )
+        # An edited caption whose cache was not refreshed would train on the old text.
+        prompt_path = example_dir / layout.prompt_file(variant)
+        if prompt_path.is_file():
+            digest = prompt_cache.text_sha256(prompt_path.read_text(encoding="utf-8").strip())
+            for i, info in infos.items():
+                if prompt_cache.cached_text_hashes(info.meta).get(variant) != digest:
+                    raise InputError(
+                        f"{example_dir.name}: {prompt_path} changed after {info.path} was made; "
+                        f"run sd3 compute-prompt-embeds {i} {example_dir.parent}"
+                    )
+    return infos
+
+
+def load_joined_prompt_embeds(
+    example_dir: Path,
+    variant: str,
+    *,
+    model_name: str | None = None,
+    max_sequence_length: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(prompt_embeds (77+L, D_t5), pooled_prompt_embeds (P_l + P_g,)) exactly as
+    ``StableDiffusion3Pipeline.encode_prompt`` would give (batch dim removed), in float32.
+
+    Raises :class:`InputError` naming the example, the file and the fix when a cache is missing, lacks the
+    variant, holds embeddings of an older version of the caption, or was made with another model / T5 length
+    (when ``model_name`` / ``max_sequence_length`` are given; the three files must always agree on the model).
+    """
+    example_dir = Path(example_dir)
+    infos = _check_prompt_caches(
+        example_dir,
+        [variant],
+        model_name=model_name,
+        model_revision=None,
+        max_sequence_length=max_sequence_length,
+        load_variant=variant,
+    )
+    embeds = {i: info.tensors[prompt_cache.PROMPT_EMBEDS].float() for i, info in infos.items()}
+    pooled = {i: infos[i].tensors[prompt_cache.POOLED_PROMPT_EMBEDS].float() for i in (1, 2)}
+    clip_prompt_embeds = torch.cat([embeds[1], embeds[2]], dim=-1)  # (77, D_l + D_g)
+    t5_prompt_embeds = embeds[3]  # (L, D_t5)
+    clip_prompt_embeds = torch.nn.functional.pad(
+        clip_prompt_embeds, (0, t5_prompt_embeds.shape[-1] - clip_prompt_embeds.shape[-1])
+    )  # (77, D_t5)
+    prompt_embeds = torch.cat([clip_prompt_embeds, t5_prompt_embeds], dim=-2)  # (77 + L, D_t5)
+    pooled_prompt_embeds = torch.cat([pooled[1], pooled[2]], dim=-1)  # (P_l + P_g,)
+    return prompt_embeds, pooled_prompt_embeds
+
+
+def _read_attributes(example_dir: Path) -> np.ndarray:
+    """The 40 CelebA attributes of ``example.json`` in release order; zeros when there is no record."""
+    path = example_dir / layout.EXAMPLE_RECORD
+    values = np.zeros(len(layout.ATTRIBUTES), dtype=bool)
+    if not path.is_file():
+        return values
+    try:
+        attributes = json.loads(path.read_text(encoding="utf-8")).get("attributes") or {}
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); re-run sd3 prepare-celeba-hq"
+        ) from None
+    for j, name in enumerate(layout.ATTRIBUTES):
+        values[j] = bool(attributes.get(name, False))
+    return values
+
+
+class CachedLatentsDataset(torch.utils.data.Dataset):
+    """Training samples from the caches of every example folder below ``root``.
+
+    ``variants``: caption variants to draw from (uniformly, per sample); None = every variant present in each
+    example except ``empty``. ``caption_dropout``: probability of replacing the caption by the empty prompt
+    of ``empty_prompt_dir`` (classifier-free guidance training). ``random_flip``: use the flipped image's
+    latents half of the time. ``model_name`` / ``max_sequence_length``: expected model and T5 length (checked
+    against every cache); None = whatever the caches agree on.
+
+    Construction reads only file headers and captions, and fails with a message naming the example and the
+    command to run when a cache is missing, stale, or disagrees with the others. Items are loaded lazily.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        empty_prompt_dir: Path,
+        *,
+        variants: Sequence[str] | None = None,
+        caption_dropout: float = 0.0,
+        random_flip: bool = True,
+        model_name: str | None = None,
+        max_sequence_length: int | None = None,
+    ) -> None:
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout {caption_dropout}: must be between 0 and 1")
+        root, empty_prompt_dir = Path(root), Path(empty_prompt_dir)
+        if not root.is_dir():
+            raise InputError(
+                f"{root}: dataset folder not found; pass a split folder such as /path/to/dataset/train"
+            )
+        if not (empty_prompt_dir / layout.prompt_file(EMPTY_VARIANT)).is_file():
+            raise InputError(
+                f"{empty_prompt_dir / layout.prompt_file(EMPTY_VARIANT)}: not found; create it with "
+                f"mkdir {empty_prompt_dir}; touch {empty_prompt_dir / layout.prompt_file(EMPTY_VARIANT)} "
+                f"and run sd3 compute-prompt-embeds 1, 2 and 3 on {empty_prompt_dir}"
+            )
+        empty_resolved = empty_prompt_dir.resolve()
+        dirs = [d for d in layout.find_example_dirs(root) if d.resolve() != empty_resolved]
+        if not dirs:
+            raise InputError(
+                f"{root}: no example folder at or below it; pass a split folder of a prepared dataset"
+            )
+        dirs.sort(key=layout.example_id)
+        ids = [layout.example_id(d) for d in dirs]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise InputError(f"{root}: example id {dup} appears in two folders; pass a single split")
+
+        self.root = root
+        self.example_dirs: list[Path] = dirs
+        self.ids: list[str] = ids
+        self.caption_dropout = float(caption_dropout)
+        self.random_flip = bool(random_flip)
+
+        # Latent caches: present, same model / image size / factors everywhere.
+        expect: dict[str, str] = {}
+        if model_name is not None:
+            expect["model_name"] = model_name
+        for d in dirs:
+            path = d / layout.LATENT_DIST
+            if not path.is_file():
+                raise InputError(f"{d.name}: {path} is missing; {_compute_latents_fix(d, False)}")
+            meta = latent_cache.read_metadata(path)
+            if meta.get("format") != latent_cache.FORMAT:
+                raise InputError(f"{d.name}: {path} is not a latent cache; {_compute_latents_fix(d)}")
+            for key in ("model_name", "model_revision", "image_size", "shift_factor", "scaling_factor"):
+                expect.setdefault(key, meta.get(key, ""))
+                if meta.get(key, "") != expect[key]:
+                    raise InputError(
+                        f"{d.name}: {path} was made with {key}={meta.get(key)!r} but other caches (or the "
+                        f"requested model) use {expect[key]!r}; {_compute_latents_fix(d)}"
+                    )
+        self.model_name: str = expect["model_name"]
+        self.model_revision: str = expect["model_revision"]
+        self.image_size = int(expect["image_size"])
+        self.shift_factor = float(expect["shift_factor"])
+        self.scaling_factor = float(expect["scaling_factor"])
+
+        # Prompt caches: every needed variant, same model as the latents, same T5 length everywhere.
+        self.variants: list[tuple[str, ...]] = []
+        self.max_sequence_length = max_sequence_length
+        for d in dirs:
+            wanted = tuple(variants) if variants is not None else self._present_variants(d)
+            if not wanted:
+                raise InputError(
+                    f"{d.name}: no caption (prompt_*.txt) to train on; run sd3 caption-blip2 {d.parent}"
+                )
+            infos = _check_prompt_caches(
+                d,
+                wanted,
+                model_name=self.model_name,
+                model_revision=self.model_revision,
+                max_sequence_length=self.max_sequence_length,
+            )
+            if self.max_sequence_length is None:
+                self.max_sequence_length = int(infos[3].meta["max_sequence_length"])
+            self.variants.append(wanted)
+
+        _check_prompt_caches(
+            empty_prompt_dir,
+            [EMPTY_VARIANT],
+            model_name=self.model_name,
+            model_revision=self.model_revision,
+            max_sequence_length=self.max_sequence_length,
+        )
+        self.empty_prompt_embeds, self.empty_pooled_prompt_embeds = load_joined_prompt_embeds(
+            empty_prompt_dir,
+            EMPTY_VARIANT,
+            model_name=self.model_name,
+            max_sequence_length=self.max_sequence_length,
+        )  # (77 + L, D), (P,)
+        self.empty_prompt_dir = empty_prompt_dir
+        self.attributes: np.ndarray = np.stack([_read_attributes(d) for d in dirs])  # (N, 40) bool
+        log.info(
+            "cached dataset %s: %d examples, %d px, model %s, T5 length %d",
+            root,
+            len(dirs),
+            self.image_size,
+            self.model_name,
+            self.max_sequence_length,
+        )
+
+    @staticmethod
+    def _present_variants(example_dir: Path) -> tuple[str, ...]:
+        """Caption variants of an example: its prompt files, or (captions deleted) its CLIP-L cache's variants."""
+        found = [v for p in example_dir.iterdir() if (v := layout.prompt_variant(p)) is not None]
+        if not found:
+            meta = _prompt_cache_info(example_dir, 1).meta
+            found = list(prompt_cache.cached_text_hashes(meta))
+        return tuple(sorted(v for v in found if v != EMPTY_VARIANT))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        from safetensors import safe_open
+
+        index, sample_seed = (item, 0) if isinstance(item, (int, np.integer)) else item
+        index = int(index)
+        example_dir = self.example_dirs[index]
+        generator = torch.Generator().manual_seed(int(sample_seed))
+        # Always draw every random number, in a fixed order, so one option never shifts another's stream.
+        flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
+        choices = self.variants[index]
+        variant = choices[int(torch.randint(len(choices), (), generator=generator))]
+        dropped = bool(torch.rand((), generator=generator) < self.caption_dropout)
+
+        prefix = "flip_" if flip else ""
+        with safe_open(str(example_dir / layout.LATENT_DIST), framework="pt") as f:
+            mean = f.get_tensor(prefix + "mean").float()  # (16, H/8, W/8)
+            logvar = f.get_tensor(prefix + "logvar").float()
+        eps = torch.randn(mean.shape, generator=generator)
+        latents = mean + torch.exp(0.5 * logvar) * eps  # a sample of the VAE posterior
+        latents = (latents - self.shift_factor) * self.scaling_factor  # what the transformer sees
+
+        if dropped:
+            variant = EMPTY_VARIANT
+            prompt_embeds, pooled_prompt_embeds = self.empty_prompt_embeds, self.empty_pooled_prompt_embeds
+        else:
+            prompt_embeds, pooled_prompt_embeds = load_joined_prompt_embeds(
+                example_dir, variant, model_name=self.model_name, max_sequence_length=self.max_sequence_length
+            )
+        return {
+            "id": self.ids[index],
+            "latents": latents,  # (16, H/8, W/8)
+            "prompt_embeds": prompt_embeds,  # (77 + L, D)
+            "pooled_prompt_embeds": pooled_prompt_embeds,  # (P,)
+            "variant": variant,
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack a list of samples into a batch; ids and variants stay lists."""
+    return {
+        "id": [s["id"] for s in samples],
+        "latents": torch.stack([s["latents"] for s in samples]),  # (B, 16, H/8, W/8)
+        "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),  # (B, 77 + L, D)
+        "pooled_prompt_embeds": torch.stack([s["pooled_prompt_embeds"] for s in samples]),  # (B, P)
+        "variant": [s["variant"] for s in samples],
+    }

@@ -1,0 +1,266 @@
+"""``compute-latent-dist``: cache the SD3 VAE posterior of every image and of its horizontal flip.
+
+One ``latent_dist.safetensors`` per example folder (``layout.LATENT_DIST``), keyed by the folder (the example
+id), never by loop position::
+
+    mean, logvar                 (16, S/8, S/8)   posterior N(mean, exp(logvar)) of the image
+    flip_mean, flip_logvar       (16, S/8, S/8)   the same for the image flipped left-right
+    metadata (strings): format, model_name, model_revision, image_size, shift_factor, scaling_factor,
+                        storage_dtype, image_sha256 (of the JPEG bytes), source_size ("WxH")
+
+The training loader samples ``z = mean + exp(logvar / 2) * eps`` and feeds ``(z - shift_factor) *
+scaling_factor`` to the transformer, so both factors travel with the cache.
+
+Images are centre-cropped to a square if they are not one already (prep makes them square), resized to
+``--image-size`` with Lanczos (antialiased) and mapped to [-1, 1]. The VAE always runs in float32 (SD3's VAE
+overflows in float16); ``--storage-dtype`` only sets how the tensors are stored.
+
+Bytes per example (4 tensors of 16 x S/8 x S/8 values, plus a few hundred bytes of header):
+
+=============  ==============  =============  ====================
+storage dtype  S = 1024 (SD3)  S = 512        S = 64 (tiny model)
+=============  ==============  =============  ====================
+float32        4 MiB           1 MiB          16 KiB
+float16        2 MiB           512 KiB        8 KiB
+bfloat16       2 MiB           512 KiB        8 KiB
+=============  ==============  =============  ====================
+
+float16 (the default) keeps about 3 significant digits, i.e. an error far below the noise the fine-tune adds;
+bfloat16 keeps about 2, so prefer float16 unless the values overflow (they do not for SD3's VAE).
+
+An example is done when its file exists and was made from the same image bytes. A file made with another
+model, revision, image size or storage dtype is never mixed in silently: the command stops and names the file;
+``--overwrite`` recomputes everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sd3_lora_celeba import layout, parallel
+from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.io import atomic_save_safetensors
+from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, torch_dtype
+
+log = logging.getLogger(__name__)
+
+WHAT = "compute-latent-dist"
+FORMAT = "sd3-latent-dist/1"
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+# Metadata that must agree between a cache file and the current command for the file to count as done.
+SETTINGS_KEYS = ("model_name", "model_revision", "image_size", "storage_dtype")
+
+
+@dataclasses.dataclass
+class ComputeLatentDistConfig:
+    """Options of ``sd3 compute-latent-dist``."""
+
+    dataset: Path = argument("Dataset root, one split, or any folder below it.")
+    model_name: str = option(DEFAULT_SD3_MODEL, "SD3 hub id or local diffusers folder.", env=SD3_MODEL_ENV)
+    model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
+    image_size: int | None = option(
+        None,
+        "Side in pixels the images are resized to. Default: the model's native size (1024 for SD3-medium).",
+    )
+    batch_size: int = option(8, "Images per VAE call (per process); each is encoded with its flip.")
+    storage_dtype: StorageDtype = option("float16", "dtype of the stored tensors (the VAE runs in float32).")
+    num_workers: int = option(
+        2, "Image-decoding worker processes per process (0 = decode in the main process)."
+    )
+    overwrite: bool = option(False, "Recompute examples that already have latent_dist.safetensors.")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers {self.num_workers}: must be 0 or more")
+        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
+            raise ValueError(
+                f"--image-size {self.image_size}: must be a positive multiple of 8 (the VAE factor)"
+            )
+        if not self.model_name:
+            raise ValueError(f"--model-name is empty: give a hub id or a folder (or set {SD3_MODEL_ENV})")
+
+
+# --- image preprocessing ---------------------------------------------------------------------------------
+
+
+def preprocess_image(image, image_size: int) -> torch.Tensor:
+    """A PIL image as the VAE input: RGB, centre-cropped square, Lanczos-resized, in [-1, 1]. (3, S, S)."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    if width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())  # (S, S, 3) in [0, 255]
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def image_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes one example's image; errors are returned, not raised, so the main process can name the file."""
+
+    def __init__(self, example_dirs: list[Path], image_size: int) -> None:
+        self.example_dirs = example_dirs
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.example_dirs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from PIL import Image
+
+        path = self.example_dirs[i] / layout.IMAGE
+        try:
+            data = path.read_bytes()  # hash exactly the bytes that are encoded
+            with Image.open(io.BytesIO(data)) as image:
+                size = image.size
+                pixel_values = preprocess_image(image, self.image_size)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is reported with the file name
+            return {"index": i, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "index": i,
+            "pixel_values": pixel_values,
+            "image_sha256": hashlib.sha256(data).hexdigest(),
+            "source_size": f"{size[0]}x{size[1]}",
+        }
+
+
+# --- cache files -----------------------------------------------------------------------------------------
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Metadata of a safetensors file (only the header is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise InputError(
+            f"{path}: unreadable safetensors file ({exc}); delete it and run the command again"
+        ) from None
+
+
+def native_image_size(model_name: str, revision: str | None) -> int:
+    """The model's native resolution: transformer ``sample_size`` x VAE downsampling factor."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.load_config(model_name, subfolder="transformer", revision=revision)
+    vae = AutoencoderKL.load_config(model_name, subfolder="vae", revision=revision)
+    return int(transformer["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def cache_settings(config: ComputeLatentDistConfig, image_size: int) -> dict[str, str]:
+    return {
+        "model_name": config.model_name,
+        "model_revision": config.model_revision or "",
+        "image_size": str(image_size),
+        "storage_dtype": config.storage_dtype,
+    }
+
+
+def is_done(example_dir: Path, settings: dict[str, str]) -> bool:
+    """True when the cache exists and matches the image; InputError when it was made with other settings."""
+    path = example_dir / layout.LATENT_DIST
+    if not path.is_file():
+        return False
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise InputError(
+            f"{path}: not a {WHAT} cache (format {meta.get('format')!r}); re-run with --overwrite"
+        )
+    for key in SETTINGS_KEYS:
+        if meta.get(key) != settings[key]:
+            raise InputError(
+                f"{path}: made with {key}={meta.get(key)!r}, this run uses {settings[key]!r}; "
+                f"re-run with --overwrite to recompute every example, or use the same --{key.replace('_', '-')}"
+            )
+    # A replaced image makes its latents stale: recompute it.
+    return meta.get("image_sha256") == image_sha256(example_dir / layout.IMAGE)
+
+
+@torch.inference_mode()
+def encode_latent_dist(vae, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Posterior of a batch of images and of their flips, one VAE call. Values (B, 16, S/8, S/8), float32."""
+    both = torch.cat([pixel_values, pixel_values.flip(-1)])  # (2B, 3, S, S)
+    dist = vae.encode(both.to(vae.device, torch.float32)).latent_dist
+    mean, logvar = dist.mean.float().cpu(), dist.logvar.float().cpu()
+    b = pixel_values.shape[0]
+    return {"mean": mean[:b], "logvar": logvar[:b], "flip_mean": mean[b:], "flip_logvar": logvar[b:]}
+
+
+def compute_latent_dist(config: ComputeLatentDistConfig) -> dict[str, int]:
+    """Cache the latent distribution of every pending example of this process; returns counts."""
+    from sd3_lora_celeba.models.loading import load_vae
+
+    dataset = Path(config.dataset)
+    if not dataset.is_dir():
+        raise InputError(
+            f"{dataset}: dataset folder not found; pass the dataset root, a split or an example folder"
+        )
+    example_dirs = [d for d in layout.find_example_dirs(dataset) if (d / layout.IMAGE).is_file()]
+    if not example_dirs:
+        raise InputError(
+            f"{dataset}: no example folder with {layout.IMAGE} at or below it; run prepare-celeba-hq"
+        )
+    image_size = config.image_size or native_image_size(config.model_name, config.model_revision)
+    settings = cache_settings(config, image_size)
+    state = parallel.process_state()
+    pending = parallel.pending_for_this_process(
+        example_dirs, lambda d: is_done(d, settings), overwrite=config.overwrite, what=WHAT
+    )
+    # Every process must finish its is_done scan before any writes, or the shards would disagree.
+    state.wait_for_everyone()
+    written = 0
+    if pending:
+        vae = load_vae(config.model_name, config.model_revision).to(state.device)
+        meta_common = {
+            "format": FORMAT,
+            **settings,
+            "shift_factor": repr(float(vae.config.shift_factor or 0.0)),
+            "scaling_factor": repr(float(vae.config.scaling_factor)),
+        }
+        storage = torch_dtype(config.storage_dtype)
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(pending, image_size),
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            collate_fn=list,
+        )
+        with parallel.progress(len(pending), desc=WHAT) as bar:
+            for items in loader:
+                for item in items:
+                    if "error" in item:
+                        path = pending[item["index"]] / layout.IMAGE
+                        raise InputError(f"{path}: cannot read image ({item['error']}); replace or remove it")
+                out = encode_latent_dist(vae, torch.stack([item["pixel_values"] for item in items]))
+                for j, item in enumerate(items):
+                    meta = {
+                        **meta_common,
+                        "image_sha256": item["image_sha256"],
+                        "source_size": item["source_size"],
+                    }
+                    tensors = {name: value[j].to(storage) for name, value in out.items()}
+                    atomic_save_safetensors(pending[item["index"]] / layout.LATENT_DIST, tensors, meta)
+                    written += 1
+                bar.update(len(items))
+    log.info("%s: process %d of %d wrote %d file(s)", WHAT, state.process_index, state.num_processes, written)
+    return {"examples": len(example_dirs), "written": written}

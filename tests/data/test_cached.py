@@ -1,0 +1,224 @@
+"""The cached training dataset: joined embeddings equal encode_prompt's, each sample keeps its own latent and
+caption under shuffling (diffusers issue 14430), seeded randomness, and clear errors for missing/stale caches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd3_lora_celeba import layout
+from sd3_lora_celeba.data.cached import CachedLatentsDataset, collate, load_joined_prompt_embeds
+from sd3_lora_celeba.encode.latents import ComputeLatentDistConfig, compute_latent_dist
+from sd3_lora_celeba.encode.prompts import ComputePromptEmbedsConfig, compute_prompt_embeds
+from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
+
+NUM_EXAMPLES = 6
+
+
+def caption(i: int, variant: str) -> str:
+    return f"{variant} caption of person {i}: {'dark' if i % 2 else 'fair'} hair, {i * 7 % 5} freckles"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A train split of distinctive examples with every cache (float32), and the empty-prompt folder."""
+    model = build_tiny_sd3(tmp_path_factory.getbasetemp() / "tiny-sd3")
+    root = tmp_path_factory.mktemp("cached") / "dataset"
+    rng = np.random.default_rng(0)
+    for i in range(NUM_EXAMPLES):
+        d = root / "train" / f"hq-{i:05d}"
+        d.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / layout.IMAGE, quality=95)
+        attributes = {name: bool((i + j) % 3 == 0) for j, name in enumerate(layout.ATTRIBUTES)}
+        (d / layout.EXAMPLE_RECORD).write_text(json.dumps({"id": d.name, "attributes": attributes}))
+        for variant in ("blip2", "llama3"):
+            (d / layout.prompt_file(variant)).write_text(caption(i, variant))
+    empty = root / layout.EMPTY_PROMPT_DIR
+    empty.mkdir()
+    (empty / layout.prompt_file("empty")).touch()
+    compute_latent_dist(ComputeLatentDistConfig(dataset=root, model_name=str(model), storage_dtype="float32"))
+    for encoder in ("1", "2", "3"):
+        for target in (root, empty):
+            compute_prompt_embeds(
+                ComputePromptEmbedsConfig(
+                    encoder=encoder, dataset=target, model_name=str(model), storage_dtype="float32"
+                )
+            )
+    return {"model": model, "root": root, "train": root / "train", "empty": empty}
+
+
+@pytest.fixture(scope="module")
+def pipe(world):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(world["model"])
+
+
+@pytest.fixture
+def world_copy(world, tmp_path) -> dict:
+    """A writable copy of the world, for tests that break it."""
+    root = tmp_path / "dataset"
+    shutil.copytree(world["root"], root)
+    return {**world, "root": root, "train": root / "train", "empty": root / layout.EMPTY_PROMPT_DIR}
+
+
+def encode_prompt(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        prompt_embeds, _, pooled_prompt_embeds, _ = pipe.encode_prompt(
+            prompt, prompt, prompt, do_classifier_free_guidance=False, max_sequence_length=77
+        )
+    return prompt_embeds[0], pooled_prompt_embeds[0]  # (77 + 77, 64), (48,)
+
+
+def test_joined_embeddings_equal_encode_prompt(world, pipe):
+    cases = [(world["train"] / f"hq-{i:05d}", v, caption(i, v)) for i in (0, 3) for v in ("blip2", "llama3")]
+    cases.append((world["empty"], "empty", ""))
+    for example_dir, variant, text in cases:
+        prompt_embeds, pooled_prompt_embeds = load_joined_prompt_embeds(
+            example_dir, variant, model_name=str(world["model"]), max_sequence_length=77
+        )
+        expected, expected_pooled = encode_prompt(pipe, text)
+        assert prompt_embeds.shape == (77 + 77, 64) and pooled_prompt_embeds.shape == (16 + 32,)
+        torch.testing.assert_close(prompt_embeds, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled_prompt_embeds, expected_pooled, atol=1e-5, rtol=1e-5)
+
+
+def vae_posterior(pipe, image_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of an image, computed directly (not from the cache). (16, 8, 8)."""
+    x = torch.tensor(np.array(Image.open(image_path).convert("RGB")), dtype=torch.float32).permute(2, 0, 1)
+    with torch.no_grad():
+        dist = pipe.vae.encode((x / 127.5 - 1)[None]).latent_dist
+    return dist.mean[0], dist.std[0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shuffled_loader_keeps_each_examples_own_latent_and_caption(world, pipe, num_workers):
+    """Regression test for the cache-pairing bug of the diffusers SD3 script (diffusers issue 14430)."""
+    dataset = CachedLatentsDataset(world["train"], world["empty"], variants=["llama3"], random_flip=False)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=4,
+        shuffle=True,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(1),
+    )
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    seen, eps_of = [], {}
+    for batch in loader:
+        for j, example_id in enumerate(batch["id"]):
+            i = int(example_id.split("-")[1])
+            seen.append(example_id)
+            expected, expected_pooled = encode_prompt(pipe, caption(i, "llama3"))
+            torch.testing.assert_close(batch["prompt_embeds"][j], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                batch["pooled_prompt_embeds"][j], expected_pooled, atol=1e-5, rtol=1e-5
+            )
+            assert batch["variant"][j] == "llama3"
+            # Undo scaling and the posterior of THIS example's image: an integer item is sample seed 0, so
+            # every example must reveal the same unit noise; a latent from another image would not.
+            mean, std = vae_posterior(pipe, world["train"] / example_id / layout.IMAGE)
+            eps_of[example_id] = (batch["latents"][j] / scale + shift - mean) / std
+    assert sorted(seen) == dataset.ids and seen != dataset.ids  # all once, really shuffled
+    reference = eps_of[dataset.ids[0]]
+    assert 0.5 < float(reference.std()) < 1.5  # it is noise, not a constant
+    for eps in eps_of.values():
+        torch.testing.assert_close(eps, reference, atol=1e-3, rtol=1e-3)
+
+
+def test_sample_seed_controls_every_random_choice(world):
+    dataset = CachedLatentsDataset(world["train"], world["empty"], caption_dropout=0.3)
+    a, b = dataset[(2, 123)], dataset[(2, 123)]
+    for key in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
+        assert torch.equal(a[key], b[key])
+    assert a["variant"] == b["variant"]
+    samples = [dataset[(2, seed)] for seed in range(40)]
+    assert {s["variant"] for s in samples} == {"blip2", "llama3", "empty"}
+    assert len({s["latents"].sum().item() for s in samples}) == 40
+    dropped = [s for s in samples if s["variant"] == "empty"]
+    assert all(torch.equal(s["prompt_embeds"], dataset.empty_prompt_embeds) for s in dropped)
+
+    # Flipping picks the flipped image's posterior: with the same seed, the flip-free dataset's latents are
+    # the other one exactly when the flip was drawn.
+    no_flip = CachedLatentsDataset(world["train"], world["empty"], random_flip=False, caption_dropout=0.3)
+    flipped = [not torch.equal(dataset[(2, s)]["latents"], no_flip[(2, s)]["latents"]) for s in range(20)]
+    assert 3 < sum(flipped) < 17
+
+    # A loader over (index, seed) pairs gives the same stream with or without workers.
+    pairs = [(i, 1000 + i) for i in range(NUM_EXAMPLES)]
+    streams = []
+    for num_workers in (0, 2):
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=pairs, batch_size=3, num_workers=num_workers, collate_fn=collate
+        )
+        streams.append(torch.cat([batch["latents"] for batch in loader]))
+    assert torch.equal(streams[0], streams[1])
+
+
+def test_dataset_fields(world):
+    dataset = CachedLatentsDataset(world["train"], world["empty"], model_name=str(world["model"]))
+    assert dataset.ids == [f"hq-{i:05d}" for i in range(NUM_EXAMPLES)]  # empty-prompt folder excluded
+    assert len(dataset) == NUM_EXAMPLES
+    assert dataset.attributes.shape == (NUM_EXAMPLES, 40) and dataset.attributes.dtype == bool
+    assert dataset.attributes[1].tolist() == [(1 + j) % 3 == 0 for j in range(40)]
+    assert dataset.variants[0] == ("blip2", "llama3")
+    batch = collate([dataset[(0, 5)], dataset[(4, 6)]])
+    assert batch["latents"].shape == (2, 16, 8, 8) and batch["latents"].dtype == torch.float32
+    assert batch["prompt_embeds"].shape == (2, 154, 64) and batch["pooled_prompt_embeds"].shape == (2, 48)
+    assert batch["id"] == ["hq-00000", "hq-00004"]
+
+
+def test_missing_cache_names_example_and_command(world_copy):
+    (world_copy["train"] / "hq-00004" / layout.prompt_embeds_file(2)).unlink()
+    with pytest.raises(
+        InputError,
+        match=r"hq-00004: .*prompt_embeds_2.safetensors is missing; run sd3 compute-prompt-embeds 2",
+    ):
+        CachedLatentsDataset(world_copy["train"], world_copy["empty"])
+    (world_copy["train"] / "hq-00001" / layout.LATENT_DIST).unlink()
+    with pytest.raises(
+        InputError, match="hq-00001: .*latent_dist.safetensors is missing; run sd3 compute-latent-dist"
+    ):
+        CachedLatentsDataset(world_copy["train"], world_copy["empty"])
+
+
+def test_missing_variant_and_empty_prompt(world_copy):
+    with pytest.raises(InputError, match="hq-00000: .*lacks prompt variant 'other'"):
+        CachedLatentsDataset(world_copy["train"], world_copy["empty"], variants=["other"])
+    (world_copy["empty"] / layout.prompt_embeds_file(3)).unlink()
+    with pytest.raises(InputError, match=r"empty-prompt: .*compute-prompt-embeds 3 .*empty-prompt"):
+        CachedLatentsDataset(world_copy["train"], world_copy["empty"])
+
+
+def test_other_model_or_length_is_refused(world, world_copy):
+    with pytest.raises(InputError, match="hq-00000: .*latent_dist.safetensors was made with model_name="):
+        CachedLatentsDataset(world["train"], world["empty"], model_name="stabilityai/other")
+    with pytest.raises(InputError, match="hq-00000: .*max_sequence_length=77, expected 256"):
+        CachedLatentsDataset(world["train"], world["empty"], max_sequence_length=256)
+    # One example re-embedded with another T5 length: the caches disagree, which is refused too.
+    compute_prompt_embeds(
+        ComputePromptEmbedsConfig(
+            encoder="3",
+            dataset=world_copy["train"] / "hq-00003",
+            model_name=str(world["model"]),
+            max_sequence_length=32,
+            overwrite=True,
+        )
+    )
+    with pytest.raises(InputError, match="hq-00003: .*max_sequence_length=32, expected 77"):
+        CachedLatentsDataset(world_copy["train"], world_copy["empty"])
+
+
+def test_edited_caption_without_reembedding_is_refused(world_copy):
+    (world_copy["train"] / "hq-00002" / layout.prompt_file("blip2")).write_text("a new caption")
+    with pytest.raises(
+        InputError, match="hq-00002: .*prompt_blip2.txt changed after .*compute-prompt-embeds 1"
+    ):
+        CachedLatentsDataset(world_copy["train"], world_copy["empty"])
