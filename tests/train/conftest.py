@@ -1,0 +1,30 @@
+"""Fixtures of the training tests: the tiny SD3 model and a tiny cached training set built by the real commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from train_helpers import build_world, golden_command, invoke
+
+from sd3_lora_celeba.models.loading import SD3_MODEL_ENV
+from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_sd3(tmp_path_factory.mktemp("model") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, tiny_model) -> Path:
+    """A dataset folder with a cached train split and empty prompt, made with the tiny model."""
+    return build_world(tmp_path_factory.mktemp("world") / "dataset", tiny_model)
+
+
+@pytest.fixture(scope="session")
+def golden_run(tmp_path_factory, tiny_world, tiny_model) -> Path:
+    """The golden run (4 steps, checkpoints at 2 and 4), uninterrupted, in-process."""
+    run_dir = tmp_path_factory.mktemp("golden") / "run"
+    invoke(golden_command(tiny_world, run_dir), {SD3_MODEL_ENV: str(tiny_model)})
+    return run_dir
