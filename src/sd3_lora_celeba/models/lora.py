@@ -132,6 +132,21 @@ def load_lora_into_pipeline(pipe, folder: Path, adapter_name: str = ADAPTER_NAME
         pipe.set_adapters([adapter_name], adapter_weights=[scale])
 
 
+def adapter_config_from_metadata(meta: dict[str, str]) -> dict | None:
+    """The transformer's peft config from a diffusers LoRA file's safetensors metadata.
+
+    diffusers >= 0.35 writes flat ``transformer.*`` keys under ``lora_adapter_metadata``; older versions wrote a
+    nested ``transformer_lora_adapter_metadata``. None when the file carries no config.
+    """
+    if "lora_adapter_metadata" in meta:
+        flat = json.loads(meta["lora_adapter_metadata"])
+        config = {k.removeprefix("transformer."): v for k, v in flat.items() if k.startswith("transformer.")}
+        return config or None
+    if "transformer_lora_adapter_metadata" in meta:
+        return json.loads(meta["transformer_lora_adapter_metadata"])
+    return None
+
+
 def lora_delta_norms(folder: Path) -> dict[int, float]:
     """Frobenius norm of the weight change ``scale * B @ A`` summed over each block's LoRA layers.
 
@@ -143,10 +158,7 @@ def lora_delta_norms(folder: Path) -> dict[int, float]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = {}
-    raw = meta.get("transformer_lora_adapter_metadata")
-    if raw:
-        config = json.loads(raw)
+    config = adapter_config_from_metadata(meta) or {}
     rank_default = config.get("r")
     alpha_default = config.get("lora_alpha")
     sq: dict[int, float] = {}

@@ -17,7 +17,6 @@ scale stays ``alpha / r``. A projection absent from the adapter contributes zero
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from sd3_lora_celeba.config import argument, option
 from sd3_lora_celeba.errors import InputError
-from sd3_lora_celeba.models.lora import lora_weights_file
+from sd3_lora_celeba.models.lora import adapter_config_from_metadata, lora_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def read_diffusers_lora(folder: Path) -> tuple[dict[str, torch.Tensor], float, i
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
-    config = _adapter_config(meta)
+    config = adapter_config_from_metadata(meta)
     if config is None:
         raise InputError(
             f"{path}: no LoRA config in the file metadata; pass a checkpoint written by 'sd3 fine-tune'"
@@ -74,18 +73,6 @@ def read_diffusers_lora(folder: Path) -> tuple[dict[str, torch.Tensor], float, i
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise InputError(f"{path}: per-layer ranks or alphas cannot be exported; export a uniform-rank LoRA")
     return tensors, float(config["lora_alpha"]), int(config["r"])
-
-
-def _adapter_config(meta: dict[str, str]) -> dict | None:
-    """The transformer's peft config from diffusers' safetensors metadata (flat ``transformer.*`` keys in
-    ``lora_adapter_metadata`` for diffusers >= 0.35, a nested ``transformer_lora_adapter_metadata`` before)."""
-    if "lora_adapter_metadata" in meta:
-        flat = json.loads(meta["lora_adapter_metadata"])
-        config = {k.removeprefix("transformer."): v for k, v in flat.items() if k.startswith("transformer.")}
-        return config or None
-    if "transformer_lora_adapter_metadata" in meta:
-        return json.loads(meta["transformer_lora_adapter_metadata"])
-    return None
 
 
 def to_comfyui(tensors: dict[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
