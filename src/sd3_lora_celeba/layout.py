@@ -89,9 +89,28 @@ CHECKPOINT_PREFIX = "checkpoint-"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINING_STATE = "training_state.pt"
+VALIDATION_WORK_DIR = "validation"  # fine-tune --validation-fid-every: ground truth + generated images
 
 # --- FID -----------------------------------------------------------------------------------------------
 FID_STATS = "fid_stats.npz"
+GENERATION_SETTINGS = "generation.json"  # settings of a generate-images folder (refuses mixed resumes)
+# Sweep folders (fid-vs-step: RUN/fid-vs-step/ by default; fid-vs-guidance: --output-dir):
+#   SWEEP/sweep.json, ground-truth/<id>.jpg, step-000500/<id>.png | guidance-3.0/<id>.png, fid_vs_*.csv / .png
+SWEEP_SETTINGS = "sweep.json"
+GROUND_TRUTH_DIR = "ground-truth"
+FID_VS_STEP_DIR = "fid-vs-step"
+FID_VS_STEP_CSV = "fid_vs_step.csv"
+FID_VS_STEP_PLOT = "fid_vs_step.png"
+FID_VS_GUIDANCE_CSV = "fid_vs_guidance.csv"
+FID_VS_GUIDANCE_PLOT = "fid_vs_guidance.png"
+
+
+def step_images_dir(sweep_dir: Path, step: int) -> Path:
+    return Path(sweep_dir) / f"step-{step:06d}"
+
+
+def guidance_images_dir(sweep_dir: Path, guidance_scale: float) -> Path:
+    return Path(sweep_dir) / f"guidance-{guidance_scale:g}"
 
 
 def prompt_file(variant: str) -> str:

@@ -1,1 +1,1 @@
-"""sample stage."""
+"""sample stage: image generation from cached prompt embeddings, with or without LoRA."""

@@ -1,0 +1,339 @@
+"""FID in-process, number for number the same as the ``pytorch-fid`` command: features, statistics, distance.
+
+Everything that decides the value is pytorch-fid's own code: its ``InceptionV3`` (FID weights, bilinear resize to
+299 px, scaling to [-1, 1]), its ``ImagePathDataset`` + ``ToTensor`` preprocessing, its file listing (image
+extensions only, sorted), its float64 mean / ``np.cov`` and its ``calculate_frechet_distance``. What is added:
+
+* ``--inception-weights FILE`` loads the FID Inception state dict from a file (machines without internet);
+  by default pytorch-fid's own file in the torch hub cache is used (and downloaded there if missing).
+* a statistics cache ``fid_stats.npz`` (layout.FID_STATS) in each image folder, readable by pytorch-fid (keys
+  ``mu`` and ``sigma``) and reused only while the folder's fingerprint (file names, sizes, mtimes; dims; weights
+  hash) is unchanged. It also keeps the features (float32 is exact: the network outputs float32) for KID.
+* KID (polynomial kernel, unbiased MMD over random subsets) from the same features.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+from sd3_lora_celeba import layout
+from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.io import TMP_PREFIX, atomic_path
+
+log = logging.getLogger(__name__)
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # basename of pytorch_fid.inception.FID_WEIGHTS_URL
+DIMS = (64, 192, 768, 2048)  # pytorch-fid's --dims choices (InceptionV3.BLOCK_INDEX_BY_DIM)
+# Bump when anything that changes the features changes, so old caches are recomputed.
+_CACHE_VERSION = 1
+
+
+def default_inception_weights_path() -> Path:
+    """Where pytorch-fid keeps its downloaded FID Inception weights: ``$TORCH_HOME/hub/checkpoints/``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised per (path, size, mtime) so the 90 MB weights are hashed once per process."""
+    st = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class FidInception:
+    """pytorch-fid's InceptionV3 returning ``dims`` features, on ``device``, with the hash of its weights."""
+
+    model: torch.nn.Module
+    dims: int
+    device: torch.device
+    weights_sha256: str
+
+
+def load_inception(
+    dims: int = 2048, weights: Path | None = None, device: str | torch.device | None = None
+) -> FidInception:
+    """Build pytorch-fid's ``InceptionV3`` for ``dims`` features with the FID weights from ``weights``.
+
+    ``weights=None`` lets pytorch-fid load its own file (downloading it into the torch hub cache if missing).
+    """
+    from pytorch_fid import inception as pf
+
+    if dims not in DIMS:
+        raise InputError(
+            f"--dims {dims}: not a pytorch-fid feature size; use one of {', '.join(map(str, DIMS))}"
+        )
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    block = pf.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
+    if weights is None:
+        path = default_inception_weights_path()
+        try:
+            model = pf.InceptionV3([block])
+        except OSError as exc:  # URLError is an OSError: no internet and no cached file
+            raise InputError(
+                f"{path}: FID Inception weights not found and the download failed ({exc}); "
+                f"pass --inception-weights FILE or put the file there"
+            ) from None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise InputError(f"{path}: Inception weights file not found; check --inception-weights")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - unpickling errors vary
+            raise InputError(
+                f"{path}: cannot read Inception weights ({type(exc).__name__}); pass a .pth state dict"
+            ) from None
+        # pytorch-fid builds its FID network and loads the weights inside one function; hand it ours instead
+        # of the download so that the architecture stays exactly pytorch-fid's.
+        try:
+            with mock.patch.object(pf, "load_state_dict_from_url", lambda *args, **kwargs: state_dict):
+                model = pf.InceptionV3([block])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise InputError(
+                f"{path}: not pytorch-fid's FID Inception state dict ({first}); use {FID_WEIGHTS_FILE}"
+            ) from None
+    return FidInception(model.eval().to(device), dims, device, file_sha256(path))
+
+
+# --- image folders -------------------------------------------------------------------------------------------
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The images pytorch-fid reads from ``folder``: its extensions, sorted; unfinished ``.tmp-`` files skipped."""
+    from pytorch_fid.fid_score import IMAGE_EXTENSIONS
+
+    folder = Path(folder)
+    files = sorted(p for ext in IMAGE_EXTENSIONS for p in folder.glob(f"*.{ext}"))
+    return [p for p in files if not p.name.startswith(TMP_PREFIX)]
+
+
+def folder_fingerprint(files: list[Path], dims: int, weights_sha256: str) -> str:
+    """Hash of everything that decides a folder's statistics: file names, sizes and mtimes; dims; weights."""
+    entries = []
+    for p in files:
+        st = p.stat()  # follows symlinks: a re-pointed link changes the fingerprint
+        entries.append([p.name, st.st_size, st.st_mtime_ns])
+    blob = json.dumps(
+        {"version": _CACHE_VERSION, "dims": dims, "weights": weights_sha256, "files": entries}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def image_features(
+    files: list[Path],
+    inception: FidInception,
+    *,
+    batch_size: int = 50,
+    num_workers: int = 0,
+    desc: str = "FID features",
+) -> np.ndarray:
+    """Inception features of ``files``, (N, dims) float32, computed exactly as pytorch-fid's ``get_activations``."""
+    import torchvision.transforms as TF
+    from pytorch_fid.fid_score import ImagePathDataset
+    from torch.nn.functional import adaptive_avg_pool2d
+    from tqdm.auto import tqdm
+
+    # pytorch-fid clamps the batch size to the number of images; batches must match for bit-equal features.
+    batch_size = max(1, min(batch_size, len(files)))
+    loader = torch.utils.data.DataLoader(
+        ImagePathDataset(files, transforms=TF.ToTensor()),
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+    )
+    features = np.empty((len(files), inception.dims), dtype=np.float32)
+    start = 0
+    # disable=None: no bar when not a terminal; TQDM_DISABLE is how `sd3 --quiet` turns bars off.
+    with tqdm(
+        total=len(files), desc=desc, unit="img", disable=True if os.environ.get("TQDM_DISABLE") else None
+    ) as bar:
+        try:
+            for batch in loader:  # (B, 3, H, W) in [0, 1]
+                with torch.no_grad():
+                    pred = inception.model(batch.to(inception.device))[0]  # (B, dims, h, w)
+                if pred.size(2) != 1 or pred.size(3) != 1:
+                    pred = adaptive_avg_pool2d(pred, output_size=(1, 1))
+                pred = pred.squeeze(3).squeeze(2).cpu().numpy()
+                features[start : start + len(pred)] = pred
+                start += len(pred)
+                bar.update(len(pred))
+        except RuntimeError as exc:
+            if "stack expects each tensor to be equal size" in str(exc):
+                raise InputError(
+                    f"{files[0].parent}: images have different sizes; FID (like pytorch-fid) needs one size per folder"
+                ) from None
+            raise
+    return features
+
+
+# --- statistics ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FidStats:
+    """Mean and covariance of Inception features (float64, as pytorch-fid), plus the features when known."""
+
+    mu: np.ndarray  # (D,)
+    sigma: np.ndarray  # (D, D)
+    features: np.ndarray | None = None  # (N, D) float32
+
+    @classmethod
+    def from_features(cls, features: np.ndarray) -> FidStats:
+        act = features.astype(np.float64)  # pytorch-fid accumulates into a float64 array
+        return cls(mu=np.mean(act, axis=0), sigma=np.cov(act, rowvar=False), features=features)
+
+
+def save_stats(path: Path, stats: FidStats, fingerprint: str | None = None) -> None:
+    """Write a pytorch-fid compatible ``.npz`` (``mu``, ``sigma``) with our extras, atomically."""
+    arrays: dict[str, np.ndarray] = {"mu": stats.mu, "sigma": stats.sigma}
+    if stats.features is not None:
+        arrays["features"] = stats.features
+    if fingerprint is not None:
+        arrays["fingerprint"] = np.array(fingerprint)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file handle: np.savez would append .npz to a path
+            np.savez_compressed(fh, **arrays)
+
+
+def load_stats(path: Path) -> tuple[FidStats, str | None]:
+    """Read a statistics ``.npz`` (ours or pytorch-fid's ``--save-stats``); returns (stats, fingerprint)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stats = FidStats(
+                mu=f["mu"][:],
+                sigma=f["sigma"][:],
+                features=f["features"][:] if "features" in f.files else None,
+            )
+            fingerprint = str(f["fingerprint"]) if "fingerprint" in f.files else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(
+            f"{path}: not a statistics file with 'mu' and 'sigma' ({exc}); recompute it"
+        ) from None
+    return stats, fingerprint
+
+
+def folder_statistics(
+    folder: Path,
+    inception: FidInception,
+    *,
+    batch_size: int = 50,
+    num_workers: int = 0,
+    use_cache: bool = True,
+) -> FidStats:
+    """Statistics of an image folder, from its ``fid_stats.npz`` cache when the folder has not changed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: image folder not found")
+    files = list_images(folder)
+    if len(files) < 2:
+        raise InputError(f"{folder}: {len(files)} image(s); FID needs at least 2 (png/jpg/... files)")
+    cache = folder / layout.FID_STATS
+    fingerprint = folder_fingerprint(files, inception.dims, inception.weights_sha256)
+    if use_cache and cache.is_file():
+        try:
+            stats, cached_fingerprint = load_stats(cache)
+        except InputError:
+            cached_fingerprint = None
+        if cached_fingerprint == fingerprint:
+            log.info("%s: reusing cached FID statistics (%d images)", folder, len(files))
+            return stats
+    stats = FidStats.from_features(
+        image_features(
+            files, inception, batch_size=batch_size, num_workers=num_workers, desc=f"FID {folder.name}"
+        )
+    )
+    if use_cache:
+        try:
+            save_stats(cache, stats, fingerprint)
+        except OSError as exc:  # a read-only ground-truth folder still gets its FID
+            log.warning("%s: cannot write the statistics cache (%s)", cache, exc)
+    return stats
+
+
+def path_statistics(path: Path, inception: FidInception | None, **kwargs) -> FidStats:
+    """Statistics of an image folder or of a ``.npz`` file, as pytorch-fid accepts either."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise InputError(f"{path}: statistics file not found")
+        return load_stats(path)[0]
+    if inception is None:
+        raise ValueError("an image folder needs the Inception network")
+    return folder_statistics(path, inception, **kwargs)
+
+
+# --- distances -----------------------------------------------------------------------------------------------
+
+
+def frechet_distance(a: FidStats, b: FidStats) -> float:
+    """FID = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with pytorch-fid's stable implementation."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    if a.mu.shape != b.mu.shape:
+        raise InputError(
+            f"feature sizes differ ({a.mu.shape[0]} vs {b.mu.shape[0]}); compute both with the same --dims"
+        )
+    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+
+
+def kernel_inception_distance(
+    x: np.ndarray, y: np.ndarray, *, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID: unbiased MMD^2 with the kernel k(a, b) = (a.b / D + 1)^3, averaged over random subsets.
+
+    Binkowski et al. 2018, "Demystifying MMD GANs", eq. 3 estimator. Returns (mean, std) over the subsets.
+    """
+    x = np.asarray(x, dtype=np.float64)  # (N, D)
+    y = np.asarray(y, dtype=np.float64)  # (M, D)
+    d = x.shape[1]
+    m = min(subset_size, len(x), len(y))
+    if m < 2:
+        raise InputError("KID needs at least 2 images in each set")
+    rng = np.random.default_rng(seed)
+    values = np.empty(num_subsets)
+    for i in range(num_subsets):
+        a = x[rng.choice(len(x), m, replace=False)]
+        b = y[rng.choice(len(y), m, replace=False)]
+        k_aa = (a @ a.T / d + 1) ** 3
+        k_bb = (b @ b.T / d + 1) ** 3
+        k_ab = (a @ b.T / d + 1) ** 3
+        values[i] = (
+            (k_aa.sum() - np.trace(k_aa)) / (m * (m - 1))
+            + (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+            - 2 * k_ab.mean()
+        )
+    return float(values.mean()), float(values.std())
+
+
+def default_num_workers() -> int:
+    """pytorch-fid's default: min(8, available CPUs)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, 8)
