@@ -31,3 +31,17 @@ def test_tokenizers_make_word_tokens(tmp_path):
     model, t5_tok = load_text_encoder(3, str(path))
     assert not model.training
     assert t5_tok("a woman").input_ids[-1] == t5_tok.eos_token_id
+
+
+def test_tokenizers_are_identical_across_processes():
+    import subprocess
+    import sys
+
+    code = (
+        "from sd3_lora_celeba.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer;"
+        "import json;"
+        "print(json.dumps([sorted(build_clip_tokenizer().get_vocab().items()),"
+        " sorted(build_t5_tokenizer().get_vocab().items())]))"
+    )
+    outputs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    assert outputs[0] == outputs[1]

@@ -1,6 +1,6 @@
 """Tokenizers built offline, in memory: CLIP-style byte-level BPE and T5-style Unigram.
 
-They are trained in a fraction of a second on a small English corpus of face descriptions, so common words
+They are learned deterministically in a fraction of a second on a small English corpus of face descriptions, so common words
 become single tokens (useful for the per-token attention views), and are saved in the standard transformers
 format so the real loading code (``AutoTokenizer.from_pretrained``) reads them.
 """
@@ -8,7 +8,8 @@ format so the real loading code (``AutoTokenizer.from_pretrained``) reads them.
 from __future__ import annotations
 
 import itertools
-import json
+import math
+from collections import Counter
 
 # Words that captions of faces use; enough for BPE to learn whole-word tokens for them.
 FACE_WORDS = (
@@ -30,54 +31,75 @@ def corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(FACE_WORDS) for _ in range(rng.randint(4, 14))) for _ in range(n_sentences)]
 
 
-def build_clip_tokenizer(vocab_size: int = 600, pad_token: str = "<|endoftext|>"):
-    """A ``CLIPTokenizer`` with a BPE vocabulary learned on :func:`corpus`, max length 77."""
-    from tokenizers import pre_tokenizers, trainers
+def _word_counts() -> Counter[str]:
+    return Counter(word for sentence in corpus() for word in sentence.split())
+
+
+def learn_bpe_merges(word_counts: Counter[str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned greedily; ties broken by the pair itself, so the result never varies.
+
+    (The ``tokenizers`` trainers break ties by hash-map order, which changes from one process to the next and
+    would make the tiny world's token ids, and so every cached embedding, differ between sessions.)
+    """
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in word_counts.items() if w}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, n in words.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: dict[tuple[str, ...], int] = {}
+        for symbols, n in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    return merges
+
+
+def build_clip_tokenizer(num_merges: int = 400, pad_token: str = "<|endoftext|>"):
+    """A ``CLIPTokenizer`` with a byte-level BPE vocabulary learned on :func:`corpus`, max length 77."""
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    seed_tok = CLIPTokenizer()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in alphabet + [ch + "</w>" for ch in alphabet]:
+        vocab[token] = len(vocab)
+    merges = learn_bpe_merges(_word_counts(), num_merges)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     # SD3's second CLIP tokenizer pads with "!", an ordinary byte token, so only bos/eos are special.
-    specials = [bos, eos]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    backend = seed_tok.backend_tokenizer
-    backend.train_from_iterator(corpus(), trainer=trainer)
-    model = json.loads(backend.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    # Every single byte as a word end too, so no word ever falls back to the unknown token.
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
     tok.model_max_length = 77
     return tok
 
 
-def build_t5_tokenizer(vocab_size: int = 400, extra_ids: int = 8):
-    """A ``T5Tokenizer`` (fast, Unigram) learned on :func:`corpus`; ``<pad>``=0, ``</s>``=1, ``<unk>``=2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def build_t5_tokenizer(extra_ids: int = 8):
+    """A ``T5Tokenizer`` (fast, Unigram) whose pieces are the corpus words and single characters.
+
+    Scores are log frequencies, so whole words win over spellings; ``<pad>``=0, ``</s>``=1, ``<unk>``=2.
+    """
     from transformers import T5Tokenizer
 
-    backend = Tokenizer(models.Unigram())
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus(), trainer=trainer)
-    pieces = [(p, float(s)) for p, s in json.loads(backend.to_str())["model"]["vocab"]]
-    specials = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
-    body = [(p, s) for p, s in pieces if p not in specials]
-    vocab = [(k, v) for k, v in specials.items()] + body
+    counts = _word_counts()
+    total = sum(counts.values())
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -8.0)]
+    vocab += [("\u2581" + w, math.log(n / total)) for w, n in sorted(counts.items())]
+    vocab += [(ch, -12.0) for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"]
     vocab += [(f"<extra_id_{i}>", 0.0) for i in range(extra_ids - 1, -1, -1)]
     tok = T5Tokenizer(vocab=vocab, extra_ids=extra_ids)
     tok.model_max_length = 512
