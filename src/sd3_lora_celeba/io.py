@@ -63,10 +63,11 @@ def atomic_save_safetensors(path: Path | str, tensors: dict, metadata: dict[str,
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def remove_stale_temp_files(folder: Path | str) -> int:
-    """Delete ``.tmp-*`` files left by an interrupted run below ``folder``; return how many."""
+def remove_stale_temp_files(folder: Path | str, recursive: bool = True) -> int:
+    """Delete ``.tmp-*`` files left by an interrupted run in (or below) ``folder``; return how many."""
     n = 0
-    for p in Path(folder).rglob(TMP_PREFIX + "*"):
+    folder = Path(folder)
+    for p in folder.rglob(TMP_PREFIX + "*") if recursive else folder.glob(TMP_PREFIX + "*"):
         if p.is_file():
             p.unlink()
             n += 1

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from sd3_lora_celeba.io import remove_stale_temp_files
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,16 @@ def batched(items: Sequence[T], batch_size: int) -> Iterator[list[T]]:
 def pending_for_this_process(
     example_dirs: Sequence[Path], is_done: Callable[[Path], bool], *, overwrite: bool, what: str
 ) -> list[Path]:
-    """Pending examples of this process: not finished yet (unless ``overwrite``), then sharded."""
+    """Pending examples of this process: not finished yet (unless ``overwrite``), then sharded.
+
+    The main process first deletes temporary files that a killed run left in the example folders; the barrier
+    below keeps the other processes from writing before that is done.
+    """
     state = process_state()
+    if state.is_main_process:
+        stale = sum(remove_stale_temp_files(d, recursive=False) for d in example_dirs)
+        if stale:
+            log.info("%s: removed %d temporary file(s) left by an interrupted run", what, stale)
     todo = list(example_dirs) if overwrite else [d for d in example_dirs if not is_done(d)]
     skipped = len(example_dirs) - len(todo)
     mine = shard(todo, state.process_index, state.num_processes)

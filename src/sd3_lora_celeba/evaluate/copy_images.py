@@ -17,7 +17,7 @@ from typing import Any
 from sd3_lora_celeba import layout
 from sd3_lora_celeba.config import argument, option
 from sd3_lora_celeba.errors import InputError
-from sd3_lora_celeba.io import atomic_copy
+from sd3_lora_celeba.io import atomic_copy, remove_stale_temp_files
 from sd3_lora_celeba.parallel import progress
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def copy_example_images(
     """Copy (or link) each example's ``image.jpg`` to ``out/<id>.jpg``; returns (written, skipped)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out, recursive=False)
     done = skipped = 0
     with progress(len(examples), "copy-images", unit="img") as bar:
         for d in examples:

@@ -28,7 +28,7 @@ import torch
 from sd3_lora_celeba import layout, parallel
 from sd3_lora_celeba.config import argument, option
 from sd3_lora_celeba.errors import InputError
-from sd3_lora_celeba.io import atomic_path, atomic_write_json
+from sd3_lora_celeba.io import atomic_path, atomic_write_json, remove_stale_temp_files
 from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,9 @@ def generate_into(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if parallel.process_state().is_main_process:
+        # Before the barrier in pending_for_this_process, so no process is writing yet.
+        remove_stale_temp_files(output_dir, recursive=False)
     is_done = lambda d: output_path(output_dir, d).is_file()  # noqa: E731
     if shard:
         mine = parallel.pending_for_this_process(example_dirs, is_done, overwrite=overwrite, what=desc)

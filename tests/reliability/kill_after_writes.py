@@ -1,0 +1,32 @@
+"""Run ``sd3 ARGS...`` and SIGKILL it while it writes its (N+1)-th output file.
+
+Usage: ``python kill_after_writes.py N ARGS...``. Every output of the project is written to a temporary file
+and then renamed with ``os.replace``; this wrapper lets N renames happen and kills the process at the next one,
+when a complete temporary file exists but has not been renamed yet. The kill is deterministic (no timer) and as
+hard as a real one: no cleanup, no atexit handlers, no flushing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+allowed = int(sys.argv[1])
+renames = 0
+real_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+    global renames
+    if renames >= allowed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    renames += 1
+    return real_replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+
+from sd3_lora_celeba.cli import cli  # noqa: E402
+
+cli(["--quiet", *sys.argv[2:]], prog_name="sd3")
