@@ -67,25 +67,41 @@ def test_run_folder_and_metrics(golden_run):
     assert json.loads((golden_run / layout.RUN_CONFIG).read_text())["lora_alpha"] == 8.0
 
 
-def test_sigkill_mid_step_then_resume_gives_the_same_losses(golden_run, tiny_world, tiny_model, tmp_path):
+KILL_AFTER_WRITES = HERE.parent / "reliability" / "kill_after_writes.py"
+
+
+@pytest.mark.parametrize(
+    "killer, point, checkpoints_left",
+    [
+        # 2 micro-batches per step: forward call 6 is the 2nd micro-batch of step 3, after checkpoint-000002.
+        (HERE / "kill_mid_step.py", "6", ["checkpoint-000002"]),
+        # Forward call 3: inside step 2, before any checkpoint exists: the resume starts from scratch.
+        (HERE / "kill_mid_step.py", "3", []),
+        # While publishing checkpoint-000004: its folder is complete under a temporary name, not yet renamed.
+        (KILL_AFTER_WRITES, "name=checkpoint-000004", ["checkpoint-000002"]),
+    ],
+    ids=["mid-step-3", "mid-step-2-no-checkpoint", "publishing-checkpoint-4"],
+)
+def test_sigkill_then_resume_gives_the_same_losses(
+    golden_run, tiny_world, tiny_model, tmp_path, killer, point, checkpoints_left
+):
     run_dir = tmp_path / "run"
-    # 2 micro-batches per step: forward call 6 is the 2nd micro-batch of step 3, after checkpoint-000002.
     proc = subprocess.run(
-        [sys.executable, str(HERE / "kill_mid_step.py"), "6", *golden_command(tiny_world, run_dir)],
+        [sys.executable, str(killer), point, *golden_command(tiny_world, run_dir)],
         env=subprocess_env(tiny_model),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [p.name for p in layout.list_checkpoints(run_dir)] == ["checkpoint-000002"]
-    assert len(losses(run_dir)) == 2
-    invoke(golden_command(tiny_world, run_dir, "--resume", "latest"), {SD3_MODEL_ENV: str(tiny_model)})
+    assert [p.name for p in layout.list_checkpoints(run_dir)] == checkpoints_left
+    invoke(golden_command(tiny_world, run_dir, "--resume", "auto"), {SD3_MODEL_ENV: str(tiny_model)})
     assert losses(run_dir) == pytest.approx(losses(golden_run), rel=1e-6, abs=1e-7)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     torch.testing.assert_close(
         _lora(run_dir / "checkpoint-000004"), _lora(golden_run / "checkpoint-000004"), rtol=1e-6, atol=1e-7
     )
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
 def _lora(checkpoint: Path) -> dict:
