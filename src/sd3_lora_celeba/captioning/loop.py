@@ -38,11 +38,15 @@ GenerateBatch = Callable[[list[Path]], list[str]]
 
 @dataclass
 class LoopStats:
-    """What one process did: examples it was given, captions written, empty captions skipped."""
+    """What one process did: examples it was given, captions written, empty captions skipped, degenerate ones."""
 
     assigned: int = 0
     written: int = 0
     empty: int = 0
+    degenerate: int = 0
+
+
+MAX_DEGENERATE_WARNINGS = 5
 
 
 def model_name_option(default: str, env: str, help: str):
@@ -139,12 +143,22 @@ def run_caption_loop(
                         )
                         continue
                     if max_words is not None and (reason := degenerate_reason(caption, max_words)):
-                        log.warning(
-                            "%s: degenerate caption for %s (%s): %r", what, example_dir, reason, caption
-                        )
+                        stats.degenerate += 1
+                        # A broken model makes every caption degenerate: name a few, count the rest.
+                        if stats.degenerate <= MAX_DEGENERATE_WARNINGS:
+                            shown = caption if len(caption) <= 80 else caption[:77] + "..."
+                            log.warning(
+                                "%s: degenerate caption for %s (%s): %r", what, example_dir, reason, shown
+                            )
                     atomic_write_text(example_dir / output_name, caption)
                     stats.written += 1
                 bar.update(len(batch))
+    if stats.degenerate > MAX_DEGENERATE_WARNINGS:
+        log.warning(
+            "%s: %d degenerate caption(s) in all (written; check the captioning model and settings)",
+            what,
+            stats.degenerate,
+        )
     # One line per process, so a multi-process run shows who wrote what.
     log.info(
         "%s: process %d of %d wrote %d caption(s) of %d assigned (%d empty, not written)",

@@ -1,0 +1,167 @@
+"""``sd3 demo OUT``: every stage of the README, in order, on the bundled tiny world.
+
+The commands are the README's, run through the real ``sd3`` entry point with the default models redirected to
+the tiny offline world (see :mod:`sd3_lora_celeba.testing.world`). Only the fine-tune is shortened. Every stage
+is resumable, so running the demo again redoes nothing and finishes in seconds::
+
+    OUT/
+    ├── world/                   synthetic releases + tiny models (testing.world)
+    ├── dataset/                 prepare-* output, captions, caches; dataset/empty-prompt/
+    ├── runs/fine-tune/          fine-tune run: metrics.jsonl, tensorboard/, checkpoint-*/
+    ├── fid/ground-truth|pretrained|fine-tuned/   images + stats.npz (pytorch-fid)
+    └── fid-vs-step/             CSV + plot
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from sd3_lora_celeba import layout
+from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    out: Path = argument("Folder for everything the demo makes (reused on a re-run).")
+    inception_weights: Path | None = option(
+        None, "FID Inception weights file; default: random weights built for the demo (FID values meaningless)."
+    )
+    fine_tune_steps: int = option(12, "Optimizer steps of the demo's short fine-tune.")
+    num_hq_images: int = option(60, "Images in the synthetic CelebAMask-HQ release.")
+
+    def __post_init__(self) -> None:
+        if self.fine_tune_steps < 2:
+            raise ValueError("--fine-tune-steps must be at least 2 (the demo plots FID at two checkpoints)")
+        if self.num_hq_images < 20:
+            raise ValueError("--num-hq-images must be at least 20 so that every split gets images")
+
+
+def _sd3(args: list[str]) -> None:
+    """Run one ``sd3`` command in this process, exactly as typed on a shell."""
+    from sd3_lora_celeba.cli import cli
+
+    log.info("$ sd3 %s", " ".join(args))
+    try:
+        cli.main(args=args, prog_name="sd3", standalone_mode=False)
+    except click.ClickException as exc:
+        raise InputError(f"demo stage 'sd3 {args[0]}' failed: {exc.format_message()}") from None
+
+
+def _pytorch_fid(args: list[str], cwd: Path) -> str:
+    """Run the ``pytorch-fid`` command (as the README does) and return what it printed."""
+    exe = shutil.which("pytorch-fid")
+    cmd = [exe] if exe else [sys.executable, "-m", "pytorch_fid"]
+    log.info("$ (cd %s && pytorch-fid %s)", cwd, " ".join(args))
+    result = subprocess.run(
+        cmd + ["--device", "cpu", "--num-workers", "0"] + args, cwd=cwd, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(f"demo stage 'pytorch-fid {' '.join(args)}' failed: {tail}")
+    return result.stdout.strip()
+
+
+def demo(config: DemoConfig) -> dict[str, Path]:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sd3_lora_celeba.testing.world import build_tiny_world
+
+    start = time.perf_counter()
+    out = config.out.resolve()
+    world = build_tiny_world(out / "world", num_hq_images=config.num_hq_images)
+    os.environ.update(world.env())
+    if config.inception_weights is not None:
+        from sd3_lora_celeba.testing.inception import install_inception_weights
+
+        install_inception_weights(config.inception_weights, world.torch_home)
+    weights = config.inception_weights or world.inception_weights
+
+    dataset = out / "dataset"
+    empty = dataset / layout.EMPTY_PROMPT_DIR
+    run_dir = out / "runs" / "fine-tune"
+    fid = out / "fid"
+
+    # Download and prepare the datasets.
+    _sd3(["prepare-celeba-hq", str(world.celeba_hq), str(dataset)])
+    _sd3(["prepare-celeba", str(world.celeba), str(world.celeba_hq), str(dataset)])
+    # Caption the images.
+    _sd3(["caption-blip2", str(dataset)])
+    _sd3(["caption-llama3", str(dataset)])
+    # Compute image latent distributions and prompt embeddings (the empty prompt as the README makes it).
+    _sd3(["compute-latent-dist", str(dataset)])
+    for encoder in ("1", "2", "3"):
+        _sd3(["compute-prompt-embeds", encoder, str(dataset)])
+    empty.mkdir(exist_ok=True)
+    (empty / layout.prompt_file("empty")).touch()
+    for encoder in ("1", "2", "3"):
+        _sd3(["compute-prompt-embeds", encoder, str(empty)])
+    # Fine-tune: the README's hyperparameters, shortened.
+    steps = config.fine_tune_steps
+    _sd3(
+        [
+            "fine-tune", str(dataset / "train"), str(empty),
+            "--amp",
+            "--lora-blocks", "4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22",
+            "--lora-rank", "64",
+            "--learning-rate", "1e-4",
+            "--adam-weight-decay", "1e-4",
+            "--num-training-steps", str(steps),
+            "--gradient-accumulation-steps", "2",
+            "--batch-size", "3",
+            "--lr-scheduler", "cosine",
+            "--lr-warmup-steps", str(max(1, steps // 6)),
+            "--weighting-scheme", "logit_normal",
+            "--logit-mean", "-0.5",
+            "--output-dir", str(run_dir),
+            "--checkpointing-steps", str(max(1, steps // 2)),
+        ]
+    )  # fmt: skip
+    checkpoint = layout.list_checkpoints(run_dir)[-1]
+    # Calculate FID scores: the README's commands, then the in-process equivalent and the sweep.
+    test = dataset / "test"
+    _sd3(["copy-images", str(test), str(fid / "ground-truth")])
+    _sd3(["generate-images", str(test), str(fid / "pretrained")])
+    _sd3(["generate-images", str(test), str(fid / "fine-tuned"), "--lora-weight-dir", str(checkpoint)])
+    for name in ("ground-truth", "pretrained", "fine-tuned"):
+        _pytorch_fid(["--save-stats", ".", "stats.npz"], cwd=fid / name)
+    scores = {
+        name: _pytorch_fid([str(fid / "ground-truth" / "stats.npz"), str(fid / name / "stats.npz")], cwd=fid)
+        for name in ("pretrained", "fine-tuned")
+    }
+    _sd3(["fid", str(fid / "ground-truth"), str(fid / "fine-tuned"), "--inception-weights", str(weights)])
+    _sd3(
+        ["fid-vs-step", str(run_dir), str(test), "--output-dir", str(out / "fid-vs-step"),
+         "--inception-weights", str(weights), "--num-inference-steps", "8"]
+    )  # fmt: skip
+
+    outputs = {
+        "dataset (splits, captions, caches)": dataset,
+        "LoRA run (metrics.jsonl, tensorboard, checkpoints)": run_dir,
+        "last LoRA checkpoint": checkpoint,
+        "FID image folders": fid,
+        "FID vs step (CSV + plot)": out / "fid-vs-step",
+        "tiny models and synthetic releases": world.root,
+    }
+    console = Console(stderr=False, width=max(120, shutil.get_terminal_size().columns))
+    table = Table(title=f"sd3 demo finished in {time.perf_counter() - start:.0f} s")
+    table.add_column("output")
+    table.add_column("where", overflow="fold")
+    for what, where in outputs.items():
+        table.add_row(what, str(where))
+    for name, line in scores.items():
+        table.add_row(f"pytorch-fid, {name} (random weights: meaningless)", line)
+    console.print(table)
+    return outputs
