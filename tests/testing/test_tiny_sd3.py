@@ -20,7 +20,7 @@ def test_tiny_pipeline_round_trips_and_is_deterministic(tmp_path):
     assert (images[0] == images[1]).all()
     # A second build from the same spec gives the same weights (seeded).
     other = load_transformer(str(build_tiny_sd3(tmp_path / "again")))
-    for (n, a), (_, b) in zip(pipe.transformer.state_dict().items(), other.state_dict().items()):
+    for (n, a), (_, b) in zip(pipe.transformer.state_dict().items(), other.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
 
 

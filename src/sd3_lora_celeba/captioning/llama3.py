@@ -103,9 +103,18 @@ def read_attributes(example_dir: Path) -> dict[str, bool]:
     return attributes
 
 
+def read_blip2_caption(example_dir: Path) -> str:
+    """The example's BLIP-2 caption; an empty one is an InputError (the rewrite would be invented)."""
+    path = Path(example_dir) / INPUT
+    caption = path.read_text(encoding="utf-8").strip()
+    if not caption:
+        raise InputError(f"{path}: empty BLIP-2 caption; delete the file and re-run sd3 caption-blip2")
+    return caption
+
+
 def example_messages(example_dir: Path, include_subjective: bool) -> list[dict[str, str]]:
     """Chat messages of one example: its BLIP-2 caption and attribute sentences."""
-    caption = (Path(example_dir) / INPUT).read_text(encoding="utf-8").strip()
+    caption = read_blip2_caption(example_dir)
     return build_messages(caption, attribute_sentences(read_attributes(example_dir), include_subjective))
 
 
@@ -161,6 +170,10 @@ def generate_captions(
 def caption_llama3(config: CaptionLlama3Config) -> int:
     """Write ``prompt_llama3.txt`` for every example with a BLIP-2 caption; return how many this process wrote."""
     examples = select_examples(config.dataset, (layout.EXAMPLE_RECORD, INPUT), WHAT)
+    # Check every input before the model loads, so a bad file fails in seconds rather than mid-run.
+    for example_dir in examples:
+        read_blip2_caption(example_dir)
+        read_attributes(example_dir)
 
     def load_generator():
         device = process_state().device

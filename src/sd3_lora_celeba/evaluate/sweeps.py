@@ -136,6 +136,16 @@ def write_csv(path: Path, key: str, rows: dict[float, float], as_int: bool = Fal
     atomic_write_text(path, buf.getvalue())
 
 
+def _check_inputs(config: _SweepOptions, split_dir: Path, lora_weight_dir: Path | None = None) -> None:
+    """Fail on a bad split, empty prompt or LoRA folder before the sweep writes anything."""
+    from sd3_lora_celeba.models.lora import lora_weights_file
+
+    empty = G.find_empty_prompt_dir(split_dir, config.empty_prompt_dir)
+    G.select_examples(split_dir, empty, config.num_images)
+    if lora_weight_dir is not None:
+        lora_weights_file(lora_weight_dir)
+
+
 def _check_sweep_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     path = out / layout.SWEEP_SETTINGS
     if path.is_file() and not overwrite:
@@ -239,6 +249,7 @@ def fid_vs_step(config: FidVsStepConfig) -> dict[int, float]:
     if not checkpoints:
         raise InputError(f"{run_dir}: no {layout.CHECKPOINT_PREFIX}<step>/ folder with {layout.LORA_WEIGHTS}")
     out = Path(config.output_dir) if config.output_dir is not None else run_dir / layout.FID_VS_STEP_DIR
+    _check_inputs(config, Path(config.split_dir))
     _check_sweep_settings(out, _settings(config), config.overwrite)
     csv_path = out / layout.FID_VS_STEP_CSV
     rows = {} if config.overwrite else read_csv(csv_path, "step")
@@ -271,6 +282,7 @@ def fid_vs_step(config: FidVsStepConfig) -> dict[int, float]:
 def fid_vs_guidance(config: FidVsGuidanceConfig) -> dict[float, float]:
     """FID over guidance scales for one model; CSV and plot with the best scale marked. Returns scale -> FID."""
     out = Path(config.output_dir)
+    _check_inputs(config, Path(config.split_dir), config.lora_weight_dir)
     _check_sweep_settings(out, _settings(config), config.overwrite)
     csv_path = out / layout.FID_VS_GUIDANCE_CSV
     rows = {} if config.overwrite else read_csv(csv_path, "guidance_scale")

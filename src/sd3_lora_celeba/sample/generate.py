@@ -109,6 +109,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 def find_empty_prompt_dir(split_dir: Path, empty_prompt_dir: Path | None = None) -> Path:
     """``--empty-prompt-dir`` or the first ``empty-prompt`` folder at or above the split (the dataset root's)."""
+    if not Path(split_dir).is_dir():
+        raise InputError(f"{split_dir}: split folder not found; pass e.g. /path/to/dataset/test")
     if empty_prompt_dir is not None:
         path = Path(empty_prompt_dir)
     else:
