@@ -43,7 +43,7 @@ class _SweepOptions:
     """Options shared by both sweeps (generation + FID)."""
 
     model_name: str = option(DEFAULT_SD3_MODEL, "SD3 diffusers model id or folder.", env=SD3_MODEL_ENV)
-    revision: str | None = option(None, "Model revision (branch, tag or commit).")
+    model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
     empty_prompt_dir: Path | None = option(None, "Cached empty prompt folder; default DATASET/empty-prompt.")
     prompt_variant: G.PromptVariant = option("blip2", "Which cached caption to use as the prompt.")
     num_inference_steps: int = option(28, "Denoising steps.")
@@ -182,7 +182,7 @@ class _Sweep:
         self.dtype = G.resolve_precision(config.precision, self.device)
         self.pipe = G.load_generation_pipeline(
             config.model_name,
-            revision=config.revision,
+            revision=config.model_revision,
             lora_weight_dir=lora_weight_dir,
             dtype=self.dtype,
             device=self.device,
@@ -199,7 +199,7 @@ class _Sweep:
         c = self.config
         settings = {
             "model_name": c.model_name,
-            "revision": c.revision,
+            "revision": c.model_revision,
             "lora": lora,
             "prompt_variant": c.prompt_variant,
             "empty_prompt_dir": str(self.empty_prompt_dir.resolve()),

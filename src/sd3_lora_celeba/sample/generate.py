@@ -48,7 +48,7 @@ class GenerateImagesConfig:
         None, "LoRA checkpoint folder of 'sd3 fine-tune' (default: base model)."
     )
     model_name: str = option(DEFAULT_SD3_MODEL, "SD3 diffusers model id or folder.", env=SD3_MODEL_ENV)
-    revision: str | None = option(None, "Model revision (branch, tag or commit).")
+    model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
     empty_prompt_dir: Path | None = option(
         None,
         "Folder with the cached empty prompt (negative prompt); default DATASET/empty-prompt above SPLIT_DIR.",
@@ -339,7 +339,7 @@ def generate_images(config: GenerateImagesConfig) -> dict[str, Any]:
     dtype = resolve_precision(config.precision, device)
     settings = {
         "model_name": config.model_name,
-        "revision": config.revision,
+        "revision": config.model_revision,
         "lora": lora_fingerprint(config.lora_weight_dir),
         "prompt_variant": config.prompt_variant,
         "empty_prompt_dir": str(empty_prompt_dir.resolve()),
@@ -353,7 +353,7 @@ def generate_images(config: GenerateImagesConfig) -> dict[str, Any]:
     check_settings(config.output_dir, settings, config.overwrite)
     pipe = load_generation_pipeline(
         config.model_name,
-        revision=config.revision,
+        revision=config.model_revision,
         lora_weight_dir=config.lora_weight_dir,
         dtype=dtype,
         device=device,

@@ -63,7 +63,7 @@ class FineTuneConfig:
         "or a checkpoint folder.",
     )
     model_name: str = option(DEFAULT_SD3_MODEL, "SD3 diffusers model id or folder.", env=SD3_MODEL_ENV)
-    revision: str | None = option(None, "Model revision (branch, tag or commit).")
+    model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
     precision: Literal["float32", "float16", "bfloat16"] = option(
         "float32", "Storage dtype of the frozen transformer weights (LoRA weights are always fp32)."
     )
@@ -269,7 +269,7 @@ def build_transformer(config: FineTuneConfig):
     from sd3_lora_celeba.models.loading import load_transformer
     from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
 
-    transformer = load_transformer(config.model_name, config.revision, torch_dtype(config.precision))
+    transformer = load_transformer(config.model_name, config.model_revision, torch_dtype(config.precision))
     blocks = config.lora_blocks or tuple(range(len(transformer.transformer_blocks)))
     try:
         targets = lora_target_modules(transformer, blocks, config.lora_layer_names)
@@ -287,7 +287,7 @@ def default_shift(config: FineTuneConfig) -> float:
         return config.shift
     from sd3_lora_celeba.models.loading import load_scheduler
 
-    return float(load_scheduler(config.model_name, config.revision).config.shift)
+    return float(load_scheduler(config.model_name, config.model_revision).config.shift)
 
 
 def draw_noise_and_sigmas(
@@ -566,7 +566,7 @@ def fine_tune(config: FineTuneConfig) -> Path:
                 fid = validation_fid(
                     accelerator.unwrap_model(transformer),
                     model_name=config.model_name,
-                    revision=config.revision,
+                    revision=config.model_revision,
                     split_dir=validation_split(config),
                     empty_prompt_dir=config.empty_prompt_dir,
                     num_images=config.validation_num_images,

@@ -40,7 +40,7 @@ class VisualizeConfig:
     model_name: str = option(
         DEFAULT_SD3_MODEL, "SD3 pipeline: hub id or local diffusers folder.", env=SD3_MODEL_ENV
     )
-    revision: str | None = option(None, "Hub revision of --model-name.")
+    model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
     device: str | None = option(None, "torch device, e.g. cuda or cpu [default: cuda when available].")
     precision: Precision | None = option(None, "Model dtype [default: float16 on CUDA, float32 on CPU].")
     resolution: int | None = option(
@@ -82,7 +82,7 @@ def load_explorer(config: VisualizeConfig):
     precision = config.precision or ("float16" if device.type == "cuda" else "float32")
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(
-            config.model_name, revision=config.revision, dtype=torch_dtype(precision)
+            config.model_name, revision=config.model_revision, dtype=torch_dtype(precision)
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
