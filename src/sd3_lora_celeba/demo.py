@@ -53,8 +53,13 @@ def _sd3(args: list[str]) -> None:
     from sd3_lora_celeba.cli import cli
 
     log.info("$ sd3 %s", " ".join(args))
+    # Each stage runs the group callback again: hand it the demo's own --quiet / --logging-style.
+    root = logging.getLogger()
+    group_options = ["--quiet"] if root.getEffectiveLevel() > logging.INFO else []
+    if root.handlers and type(root.handlers[0]).__name__ != "RichHandler":
+        group_options += ["--logging-style", "plain"]
     try:
-        cli.main(args=args, prog_name="sd3", standalone_mode=False)
+        cli.main(args=[*group_options, *args], prog_name="sd3", standalone_mode=False)
     except click.ClickException as exc:
         raise InputError(f"demo stage 'sd3 {args[0]}' failed: {exc.format_message()}") from None
 
@@ -136,7 +141,9 @@ def demo(config: DemoConfig) -> dict[str, Path]:
     _sd3(["generate-images", str(test), str(fid / "pretrained")])
     _sd3(["generate-images", str(test), str(fid / "fine-tuned"), "--lora-weight-dir", str(checkpoint)])
     for name in ("ground-truth", "pretrained", "fine-tuned"):
-        _pytorch_fid(["--save-stats", ".", "stats.npz"], cwd=fid / name)
+        # The folders are complete once their stage returned, so statistics from an earlier run still hold.
+        if not (fid / name / "stats.npz").is_file():
+            _pytorch_fid(["--save-stats", ".", "stats.npz"], cwd=fid / name)
     scores = {
         name: _pytorch_fid([str(fid / "ground-truth" / "stats.npz"), str(fid / name / "stats.npz")], cwd=fid)
         for name in ("pretrained", "fine-tuned")
