@@ -81,21 +81,31 @@ def _int_field(path: Path, lineno: int, value: str, what: str) -> int:
         raise InputError(f"{path}:{lineno}: {what} must be an integer, got {value!r}") from None
 
 
-def read_attribute_file(path: Path) -> AttributeTable:
-    """Read ``CelebAMask-HQ-attribute-anno.txt`` or ``list_attr_celeba.txt`` (same format)."""
-    path = Path(path)
-    lines = _lines(path)
+def _count_and_header(
+    path: Path, lines: Iterator[tuple[int, list[str]]], header: tuple[str, ...], problem: str
+) -> int:
+    """Consume the two header lines shared by CelebA's counted files; return the declared row count."""
     first = next(lines, None)
     if first is None:
         raise InputError(f"{path}: file is empty; re-download the annotation file")
     declared = _declared_count(path, *first)
     second = next(lines, None)
-    if second is None or tuple(second[1]) != ATTRIBUTES:
-        lineno = second[0] if second else 2
-        raise InputError(
-            f"{path}:{lineno}: expected the 40 CelebA attribute names (5_o_Clock_Shadow ... Young) on line 2; "
-            "the header is wrong or missing"
-        )
+    if second is None or tuple(second[1]) != header:
+        raise InputError(f"{path}:{second[0] if second else 2}: {problem}")
+    return declared
+
+
+def read_attribute_file(path: Path) -> AttributeTable:
+    """Read ``CelebAMask-HQ-attribute-anno.txt`` or ``list_attr_celeba.txt`` (same format)."""
+    path = Path(path)
+    lines = _lines(path)
+    declared = _count_and_header(
+        path,
+        lines,
+        ATTRIBUTES,
+        "expected the 40 CelebA attribute names (5_o_Clock_Shadow ... Young) on line 2; "
+        "the header is wrong or missing",
+    )
     files: list[str] = []
     linenos: list[int] = []
     rows: list[list[bool]] = []
@@ -150,16 +160,12 @@ def read_bbox_file(path: Path) -> dict[str, tuple[int, int, int, int]]:
     """Read ``list_bbox_celeba.txt``: file name -> face box ``(x_1, y_1, width, height)`` in image pixels."""
     path = Path(path)
     lines = _lines(path)
-    first = next(lines, None)
-    if first is None:
-        raise InputError(f"{path}: file is empty; re-download the annotation file")
-    declared = _declared_count(path, *first)
-    second = next(lines, None)
-    if second is None or tuple(second[1]) != BBOX_HEADER:
-        lineno = second[0] if second else 2
-        raise InputError(
-            f"{path}:{lineno}: expected the header 'image_id x_1 y_1 width height' on line 2; the file is malformed"
-        )
+    declared = _count_and_header(
+        path,
+        lines,
+        BBOX_HEADER,
+        "expected the header 'image_id x_1 y_1 width height' on line 2; the file is malformed",
+    )
     boxes: dict[str, tuple[int, int, int, int]] = {}
     for lineno, fields in lines:
         if len(fields) != 5:
