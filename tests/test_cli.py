@@ -39,7 +39,9 @@ def test_every_command_builds_its_help():
 
 
 def test_version():
-    result = subprocess.run([sys.executable, "-m", "sd3_lora_celeba.cli", "--version"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sd3_lora_celeba.cli", "--version"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     assert __version__ in result.stdout
 

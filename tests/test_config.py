@@ -37,8 +37,24 @@ def run(args: list[str], env: dict | None = None) -> tuple[click.testing.Result,
 
 
 def test_options_come_from_the_dataclass():
-    result, seen = run(["data", "--rank", "8", "--blocks", "4,5,22", "--amp", "--scheme", "mode",
-                        "--dirs", "a", "--dirs", "b", "--lr", "3e-5"])
+    result, seen = run(
+        [
+            "data",
+            "--rank",
+            "8",
+            "--blocks",
+            "4,5,22",
+            "--amp",
+            "--scheme",
+            "mode",
+            "--dirs",
+            "a",
+            "--dirs",
+            "b",
+            "--lr",
+            "3e-5",
+        ]
+    )
     assert result.exit_code == 0, result.output
     (cfg,) = seen
     assert cfg == DemoConfig(Path("data"), 8, (4, 5, 22), 3e-5, True, "mode", (Path("a"), Path("b")), None)

@@ -153,7 +153,9 @@ def setup_logging(quiet: bool, style: str) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.option(
     "--version",
     is_flag=True,

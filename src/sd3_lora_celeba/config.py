@@ -255,7 +255,9 @@ def build_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) -
         missing = [
             f.name
             for f in dataclasses.fields(cls)
-            if f.metadata.get("positional") and values.get(f.name) is None and f.default is dataclasses.MISSING
+            if f.metadata.get("positional")
+            and values.get(f.name) is None
+            and f.default is dataclasses.MISSING
         ]
         if missing:
             raise click.UsageError(f"missing argument(s): {', '.join(m.upper() for m in missing)}")
@@ -265,4 +267,6 @@ def build_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) -
             raise InputError(str(exc)) from None
         return run(config)
 
-    return click.Command(name, params=params, callback=callback, help=full_help, short_help=help.split("\n")[0])
+    return click.Command(
+        name, params=params, callback=callback, help=full_help, short_help=help.split("\n")[0]
+    )

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     out: Path = argument("Folder for everything the demo makes (reused on a re-run).")
     inception_weights: Path | None = option(
-        None, "FID Inception weights file; default: random weights built for the demo (FID values meaningless)."
+        None,
+        "FID Inception weights file; default: random weights built for the demo (FID values meaningless).",
     )
     fine_tune_steps: int = option(12, "Optimizer steps of the demo's short fine-tune.")
     num_hq_images: int = option(60, "Images in the synthetic CelebAMask-HQ release.")

@@ -31,8 +31,12 @@ _MODEL_MARKERS = ("model_index.json", "config.json")
 @dataclass
 class DoctorConfig:
     sd3_model: str = option(DEFAULT_SD3_MODEL, "SD3 pipeline: hub id or local folder.", env=SD3_MODEL_ENV)
-    blip2_model: str = option(DEFAULT_BLIP2_MODEL, "BLIP-2 model: hub id or local folder.", env=BLIP2_MODEL_ENV)
-    llama3_model: str = option(DEFAULT_LLAMA3_MODEL, "Llama 3 model: hub id or local folder.", env=LLAMA3_MODEL_ENV)
+    blip2_model: str = option(
+        DEFAULT_BLIP2_MODEL, "BLIP-2 model: hub id or local folder.", env=BLIP2_MODEL_ENV
+    )
+    llama3_model: str = option(
+        DEFAULT_LLAMA3_MODEL, "Llama 3 model: hub id or local folder.", env=LLAMA3_MODEL_ENV
+    )
     timeout: float = option(10.0, "Seconds to wait for the hub before calling a model unreachable.")
 
 
@@ -53,7 +57,9 @@ def device_report() -> list[str]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            lines.append(f"cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}")
+            lines.append(
+                f"cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}"
+            )
         lines.append(f"CUDA {torch.version.cuda}, bf16 supported: {torch.cuda.is_bf16_supported()}")
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         lines.append("mps (Apple GPU)")
@@ -102,7 +108,11 @@ def doctor(config: DoctorConfig) -> bool:
         click.echo(f"  {line}")
     click.echo("Models:")
     all_ok = True
-    for label, model in (("SD3", config.sd3_model), ("BLIP-2", config.blip2_model), ("Llama 3", config.llama3_model)):
+    for label, model in (
+        ("SD3", config.sd3_model),
+        ("BLIP-2", config.blip2_model),
+        ("Llama 3", config.llama3_model),
+    ):
         ok, how = model_reachability(model, config.timeout)
         all_ok &= ok
         click.echo(f"  {label:8s} {'ok ' if ok else 'NO '} {model}: {how}")

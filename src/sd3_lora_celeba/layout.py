@@ -146,11 +146,15 @@ def checkpoint_step(path: Path) -> int | None:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Finished checkpoints of a run (those holding LoRA weights), sorted by step."""
-    found = [
-        p
-        for p in Path(run_dir).iterdir()
-        if p.is_dir() and checkpoint_step(p) is not None and (p / LORA_WEIGHTS).is_file()
-    ] if Path(run_dir).is_dir() else []
+    found = (
+        [
+            p
+            for p in Path(run_dir).iterdir()
+            if p.is_dir() and checkpoint_step(p) is not None and (p / LORA_WEIGHTS).is_file()
+        ]
+        if Path(run_dir).is_dir()
+        else []
+    )
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 

@@ -13,7 +13,12 @@ def test_tiny_pipeline_round_trips_and_is_deterministic(tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(path)
     assert len(pipe.transformer.transformer_blocks) == 24  # the README's --lora-blocks 4..22 exist
     images = [
-        pipe("a smiling woman", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+        pipe(
+            "a smiling woman",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
         for _ in range(2)
     ]
     assert images[0].shape == (1, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
@@ -43,5 +48,8 @@ def test_tokenizers_are_identical_across_processes():
         "print(json.dumps([sorted(build_clip_tokenizer().get_vocab().items()),"
         " sorted(build_t5_tokenizer().get_vocab().items())]))"
     )
-    outputs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    outputs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
     assert outputs[0] == outputs[1]

@@ -67,13 +67,17 @@ def load_vae(model_name: str, revision: str | None = None, dtype: torch.dtype = 
     """The SD3 VAE (``vae`` subfolder), in eval mode. Encoding is done in fp32: fp16 overflows in SD3's VAE."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(model_name, subfolder="vae", revision=revision, torch_dtype=dtype).eval()
+    return AutoencoderKL.from_pretrained(
+        model_name, subfolder="vae", revision=revision, torch_dtype=dtype
+    ).eval()
 
 
 def load_scheduler(model_name: str, revision: str | None = None):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler.from_pretrained(model_name, subfolder="scheduler", revision=revision)
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(
+        model_name, subfolder="scheduler", revision=revision
+    )
 
 
 def load_text_encoder(
@@ -86,7 +90,9 @@ def load_text_encoder(
     model = cls.from_pretrained(
         model_name, subfolder=TEXT_ENCODER_SUBFOLDERS[encoder], revision=revision, torch_dtype=dtype
     ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_name, subfolder=TOKENIZER_SUBFOLDERS[encoder], revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_name, subfolder=TOKENIZER_SUBFOLDERS[encoder], revision=revision
+    )
     return model, tokenizer
 
 

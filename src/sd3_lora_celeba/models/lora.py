@@ -18,7 +18,16 @@ from sd3_lora_celeba import layout
 from sd3_lora_celeba.errors import InputError
 
 # Joint attention of an MM-DiT block: image-stream and text-stream projections.
-JOINT_ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+JOINT_ATTENTION_LINEARS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
 ADAPTER_NAME = "default"
 
 
@@ -35,7 +44,9 @@ def lora_target_modules(
     targets: list[str] = []
     for i in blocks:
         if not 0 <= i < num_blocks:
-            raise ValueError(f"--lora-blocks: block {i} does not exist; the model has blocks 0..{num_blocks - 1}")
+            raise ValueError(
+                f"--lora-blocks: block {i} does not exist; the model has blocks 0..{num_blocks - 1}"
+            )
         for layer in layers:
             name = f"transformer_blocks.{i}.attn.{layer}"
             if name in names and isinstance(names[name], torch.nn.Linear):
@@ -98,7 +109,9 @@ def save_lora(transformer, folder: Path, dtype: torch.dtype = torch.float32) -> 
             weight_name=tmp.name,
             safe_serialization=True,
         )
-    atomic_write_text(folder / layout.ADAPTER_CONFIG, json.dumps(_jsonable(metadata), indent=2, sort_keys=True))
+    atomic_write_text(
+        folder / layout.ADAPTER_CONFIG, json.dumps(_jsonable(metadata), indent=2, sort_keys=True)
+    )
 
 
 def _jsonable(d: dict) -> dict:
@@ -109,7 +122,9 @@ def lora_weights_file(folder: Path) -> Path:
     """The LoRA weights file of a checkpoint folder, or an InputError saying what is missing."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: LoRA folder not found; pass a checkpoint folder written by 'sd3 fine-tune'")
+        raise InputError(
+            f"{folder}: LoRA folder not found; pass a checkpoint folder written by 'sd3 fine-tune'"
+        )
     path = folder / layout.LORA_WEIGHTS
     if not path.is_file():
         raise InputError(

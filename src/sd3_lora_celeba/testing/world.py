@@ -83,7 +83,11 @@ def build_tiny_world(
     root.mkdir(parents=True, exist_ok=True)
     make_celeba_hq_release(world.celeba_hq, num_images=num_hq_images, image_size=hq_image_size, seed=seed)
     make_celeba_release(
-        world.celeba, hq_root=world.celeba_hq, num_extra=num_celeba_extra, size_range=celeba_size_range, seed=seed + 1
+        world.celeba,
+        hq_root=world.celeba_hq,
+        num_extra=num_celeba_extra,
+        size_range=celeba_size_range,
+        seed=seed + 1,
     )
     build_tiny_sd3(world.sd3)
     build_tiny_blip2(world.blip2, seed=seed)

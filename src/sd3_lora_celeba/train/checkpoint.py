@@ -35,7 +35,14 @@ from sd3_lora_celeba.models.lora import lora_state_dict, save_lora
 log = logging.getLogger(__name__)
 
 # Config fields that fix the shape or meaning of the saved LoRA: resuming with other values cannot work.
-INCOMPATIBLE_IF_CHANGED = ("model_name", "model_revision", "lora_blocks", "lora_layers", "lora_rank", "lora_alpha")
+INCOMPATIBLE_IF_CHANGED = (
+    "model_name",
+    "model_revision",
+    "lora_blocks",
+    "lora_layers",
+    "lora_rank",
+    "lora_alpha",
+)
 
 
 def rng_states() -> dict[str, Any]:
