@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -66,7 +67,7 @@ def test_second_holder_of_a_lock_is_refused_with_the_holder_named(tmp_path):
     try:
         lock = tmp_path / LOCK_NAME
         lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "what": "sd3 fine-tune"}))
-        with pytest.raises(LockedError, match=f"sd3 fine-tune \\\\(pid {other.pid}"):
+        with pytest.raises(LockedError, match=re.escape(f"sd3 fine-tune (pid {other.pid}")):
             with output_lock(tmp_path, "sd3 fine-tune"):
                 pass
         assert lock.exists()  # the live holder's lock is left alone
