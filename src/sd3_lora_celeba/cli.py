@@ -6,14 +6,19 @@ Stage modules are imported only when their subcommand runs, so ``sd3 --help`` is
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 
 import click
 
 from sd3_lora_celeba import __version__
+from sd3_lora_celeba.errors import InputError, Terminated
 
 # name -> (target "module:Config:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -84,8 +89,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# The option to lower when a command runs out of GPU memory.
+OOM_ADVICE: dict[str, str] = {
+    "caption-blip2": "--batch-size",
+    "caption-llama3": "--batch-size",
+    "compute-latent-dist": "--batch-size",
+    "compute-prompt-embeds": "--batch-size",
+    "fine-tune": "--batch-size (raise --gradient-accumulation-steps to keep the effective batch) or turn on "
+    "--gradient-checkpointing",
+    "generate-images": "--batch-size",
+    "fid": "--batch-size",
+    "fid-vs-step": "--batch-size and --fid-batch-size",
+    "fid-vs-guidance": "--batch-size and --fid-batch-size",
+    "visualize-attention-weights": "--height/--width, or use --precision float16",
+}
+
+# Disk errors worth one line (the path and the fix) instead of a traceback.
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device; free some space or write the output elsewhere",
+    errno.EDQUOT: "disk quota exceeded; free some space or write the output elsewhere",
+    errno.EROFS: "read-only file system; choose a writable output folder",
+    errno.EACCES: "permission denied; fix the permissions or choose another folder",
+    errno.EPERM: "operation not permitted; fix the permissions or choose another folder",
+}
+
+INTERRUPTED = "interrupted; re-run the same command to resume"
+
+
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use."""
+    """A group whose subcommands are imported on first use, and whose commands end in one line on Ctrl-C,
+    SIGTERM, a full or read-only disk, or CUDA out of memory."""
+
+    _depth = 0  # > 0 while a command runs; nested runs (sd3 demo) let the outer one report
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -95,12 +130,7 @@ class LazyGroup(click.Group):
             return None
         target, help_text = COMMANDS[name]
         module_name, config_name, func_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("sd3_lora_celeba"):
-                return _unavailable(name, help_text)
-            raise
+        module = importlib.import_module(module_name)
         from sd3_lora_celeba.config import build_command
 
         return build_command(name, getattr(module, config_name), getattr(module, func_name), help_text)
@@ -111,12 +141,43 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def invoke(self, ctx: click.Context):
+        if LazyGroup._depth:
+            return super().invoke(ctx)
+        LazyGroup._depth += 1
+        previous = _install_sigterm_handler()
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            click.echo(INTERRUPTED, err=True)
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            where = exc.filename or "the output folder"
+            raise InputError(f"{where}: {_DISK_ERRORS[exc.errno]}") from None
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError":
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            lower = OOM_ADVICE.get(command, "--batch-size")
+            raise InputError(f"{command}: out of GPU memory; lower {lower}, or use a larger GPU") from None
+        finally:
+            LazyGroup._depth -= 1
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
-def _unavailable(name: str, help_text: str) -> click.Command:
-    def run() -> None:
-        raise click.ClickException(f"'{name}' is not available in this version of sd3-lora-celeba")
 
-    return click.Command(name, callback=run, help=help_text)
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _install_sigterm_handler():
+    """Turn SIGTERM into :class:`Terminated` (a KeyboardInterrupt) while a command runs; the previous handler
+    is returned, or None when signals cannot be handled here (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _print_version(ctx: click.Context) -> None:
@@ -131,7 +192,46 @@ def _print_version(ctx: click.Context) -> None:
     ctx.exit(0)
 
 
-def setup_logging(quiet: bool, style: str) -> None:
+# Library messages that read as failures in a normal run (shown again with --verbose).
+_NOISE = (
+    (FutureWarning, r".*torch_dtype.*deprecated"),
+    (UserWarning, r".*torch_dtype.*deprecated"),
+    (UserWarning, r"Already found a `peft_config` attribute"),
+    (UserWarning, r".*local_dir_use_symlinks.*deprecated"),
+    (UserWarning, r".*fid calculation produces singular product"),
+)
+# Deprecation notices raised inside the libraries are for their developers, not for our users.
+_LIBRARY_MODULES = (
+    r"(diffusers|transformers|huggingface_hub|peft|accelerate|torch|torchvision|pytorch_fid)(\.|$)"
+)
+_LIBRARIES = {"diffusers": "DIFFUSERS_VERBOSITY", "transformers": "TRANSFORMERS_VERBOSITY"}
+_LIBRARIES["huggingface_hub"] = "HF_HUB_VERBOSITY"
+
+
+def quiet_libraries(verbose: bool, progress_bars: bool) -> None:
+    """Library logging at error level and known warnings filtered (unless ``verbose``); library progress bars
+    off unless ``progress_bars``. Works whether or not the libraries are imported yet."""
+    level = logging.WARNING if verbose else logging.ERROR
+    for lib, env in _LIBRARIES.items():
+        # The variable covers a later import (the library sets its level then); the logger an earlier one.
+        os.environ[env] = logging.getLevelName(level).lower()
+        logging.getLogger(lib).setLevel(level)
+    if not verbose:
+        for category, message in _NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARY_MODULES)
+    if not progress_bars:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        for module, name in (
+            ("huggingface_hub.utils", "disable_progress_bars"),
+            ("diffusers.utils.logging", "disable_progress_bar"),
+            ("transformers.utils.logging", "disable_progress_bar"),
+        ):
+            if module in sys.modules:
+                getattr(sys.modules[module], name)()
+
+
+def setup_logging(quiet: bool, style: str, verbose: bool = False) -> None:
     level = logging.WARNING if quiet else logging.INFO
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -146,11 +246,19 @@ def setup_logging(quiet: bool, style: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "filelock", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "filelock", "torchao"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Progress bars follow --quiet as well.
+    quiet_libraries(verbose, progress_bars=not quiet and style == "rich")
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
+
+
+def _quiet_early(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    # tqdm reads TQDM_DISABLE when it is imported, which happens while click resolves the subcommand (after
+    # the group options are parsed, before the group callback runs): decide it while parsing.
+    if value:
+        os.environ["TQDM_DISABLE"] = "1"
+    return value
 
 
 @click.group(
@@ -164,7 +272,14 @@ def setup_logging(quiet: bool, style: str) -> None:
     callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
     help="Show the version of sd3-lora-celeba and of its main libraries, then exit.",
 )
-@click.option("--quiet", is_flag=True, help="Only print warnings and errors; no progress bars.")
+@click.option(
+    "--quiet", is_flag=True, callback=_quiet_early, help="Only print warnings and errors; no progress bars."
+)
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Also show the libraries' own warnings and info (transformers, diffusers, huggingface_hub).",
+)
 @click.option(
     "--logging-style",
     type=click.Choice(["rich", "plain"]),
@@ -172,19 +287,12 @@ def setup_logging(quiet: bool, style: str) -> None:
     show_default=True,
     help="Log format: rich (coloured, for terminals) or plain (timestamped lines, for log files).",
 )
-def cli(quiet: bool, logging_style: str) -> None:
+def cli(quiet: bool, verbose: bool, logging_style: str) -> None:
     """Fine-tune Stable Diffusion 3 with LoRA on CelebA faces, measure FID, and visualise attention."""
-    setup_logging(quiet, logging_style)
+    setup_logging(quiet, logging_style, verbose)
 
 
 def main() -> None:
-    # tqdm reads TQDM_DISABLE when it is imported, which happens while click resolves the subcommand,
-    # before the group callback runs: decide it from the group options up front.
-    for arg in sys.argv[1:]:
-        if not arg.startswith("-"):
-            break
-        if arg == "--quiet":
-            os.environ["TQDM_DISABLE"] = "1"
     cli(prog_name="sd3")
 
 

@@ -16,3 +16,10 @@ class InputError(click.ClickException):
 
     def format_message(self) -> str:
         return self.message
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster pre-empting the job), raised where Ctrl-C would raise KeyboardInterrupt.
+
+    A subclass of KeyboardInterrupt so code that stops cleanly on Ctrl-C stops cleanly on SIGTERM too; the
+    ``sd3`` command exits 143 for it and 130 for Ctrl-C."""
