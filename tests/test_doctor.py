@@ -11,7 +11,7 @@ def test_doctor_reports_local_folders_and_missing_models(tmp_path):
     (good / "model_index.json").write_text("{}")
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = ["doctor", "--sd3-model", str(good), "--blip2-model", str(good), "--llama3-model", str(good)]
+    args = ["doctor", "--model-name", str(good), "--blip2-model", str(good), "--llama3-model", str(good)]
     result = CliRunner().invoke(cli, args, env={"HF_HUB_OFFLINE": "1"})
     assert result.exit_code == 0, result.output
     assert "torch" in result.output and "Device:" in result.output

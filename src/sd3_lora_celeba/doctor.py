@@ -30,14 +30,14 @@ _MODEL_MARKERS = ("model_index.json", "config.json")
 
 @dataclass
 class DoctorConfig:
-    sd3_model: str = option(DEFAULT_SD3_MODEL, "SD3 pipeline: hub id or local folder.", env=SD3_MODEL_ENV)
+    model_name: str = option(DEFAULT_SD3_MODEL, "SD3 pipeline: hub id or local folder.", env=SD3_MODEL_ENV)
     blip2_model: str = option(
         DEFAULT_BLIP2_MODEL, "BLIP-2 model: hub id or local folder.", env=BLIP2_MODEL_ENV
     )
     llama3_model: str = option(
         DEFAULT_LLAMA3_MODEL, "Llama 3 model: hub id or local folder.", env=LLAMA3_MODEL_ENV
     )
-    timeout: float = option(10.0, "Seconds to wait for the hub before calling a model unreachable.")
+    timeout: float = option(10.0, "Seconds to wait for the hub before calling a model unreachable.", min=0.1)
 
 
 def library_versions() -> dict[str, str]:
@@ -109,7 +109,7 @@ def doctor(config: DoctorConfig) -> bool:
     click.echo("Models:")
     all_ok = True
     for label, model in (
-        ("SD3", config.sd3_model),
+        ("SD3", config.model_name),
         ("BLIP-2", config.blip2_model),
         ("Llama 3", config.llama3_model),
     ):

@@ -72,25 +72,20 @@ class VisualizeConfig:
 
 def load_explorer(config: VisualizeConfig):
     """The pipeline of ``config.model_name`` with every loadable LoRA of ``config.lora_weight_dir``."""
-    import torch
     from diffusers import StableDiffusion3Pipeline
 
-    from sd3_lora_celeba.models.loading import default_device, torch_dtype
+    from sd3_lora_celeba.models.loading import load_pretrained, resolve_device, resolve_dtype
     from sd3_lora_celeba.visualize.explorer import AttentionExplorer
 
-    device = torch.device(config.device) if config.device else default_device()
+    device = resolve_device(config.device)
     precision = config.precision or ("float16" if device.type == "cuda" else "float32")
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            config.model_name, revision=config.model_revision, dtype=torch_dtype(precision)
-        )
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"--model-name {config.model_name}: cannot load an SD3 pipeline ({first}); "
-            f"pass a diffusers SD3 folder or a hub id already in the cache (the app runs offline unless "
-            f"HF_HUB_OFFLINE=0 is set), or set {SD3_MODEL_ENV}"
-        ) from None
+    pipe = load_pretrained(
+        StableDiffusion3Pipeline.from_pretrained,
+        config.model_name,
+        what="SD3 pipeline",
+        revision=config.model_revision,
+        dtype=resolve_dtype(precision, device),
+    )
     return AttentionExplorer(
         pipe,
         config.lora_weight_dir,
