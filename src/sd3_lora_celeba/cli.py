@@ -74,6 +74,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sd3_lora_celeba.evaluate.sweeps:FidVsGuidanceConfig:fid_vs_guidance",
         "FID over a sweep of guidance scales for one model: CSV and plot.",
     ),
+    "experiment": (
+        "sd3_lora_celeba.evaluate.experiment:ExperimentConfig:experiment",
+        "Train a grid of fine-tunes and score them all: results table, FID figures, manifest.",
+    ),
+    "report": (
+        "sd3_lora_celeba.evaluate.report:ReportConfig:report",
+        "Rebuild an experiment's results table and figures from its score files.",
+    ),
     "visualize-attention-weights": (
         "sd3_lora_celeba.visualize.app:VisualizeConfig:visualize_attention_weights",
         "Gradio app: attention heatmaps and NCUT, base model vs LoRA checkpoints.",

@@ -103,6 +103,16 @@ FID_VS_STEP_CSV = "fid_vs_step.csv"
 FID_VS_STEP_PLOT = "fid_vs_step.png"
 FID_VS_GUIDANCE_CSV = "fid_vs_guidance.csv"
 FID_VS_GUIDANCE_PLOT = "fid_vs_guidance.png"
+# Experiment folders (sd3 experiment; the tree is in evaluate/experiment.py):
+EXPERIMENT_RECORD = "experiment.json"  # resolved runs + evaluation; report rebuilds everything from it
+EXPERIMENT_MANIFEST = "manifest.json"  # versions, git revision, config hash, cache fingerprints, device
+EXPERIMENT_RUNS_DIR = "runs"
+EXPERIMENT_IMAGES_DIR = "images"
+EXPERIMENT_SCORES_DIR = "scores"
+RESULTS_MD = "results.md"
+RESULTS_CSV = "results.csv"
+SCORES_CSV = "scores.csv"
+FIGURE_FORMATS = ("png", "svg")
 
 
 def step_images_dir(sweep_dir: Path, step: int) -> Path:
