@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -41,6 +42,11 @@ class DemoConfig:
     )
     fine_tune_steps: int = option(12, "Optimizer steps of the demo's short fine-tune.")
     num_hq_images: int = option(60, "Images in the synthetic CelebAMask-HQ release.")
+    model_family: Literal["sd3-medium", "sd3.5-medium", "sd3.5-large"] = option(
+        "sd3-medium",
+        "Shape of the tiny SD3 model: sd3-medium, sd3.5-medium (MMDiT-X blocks with attn2) or sd3.5-large "
+        "(38 blocks). Use a separate OUT per family.",
+    )
 
     def __post_init__(self) -> None:
         if self.fine_tune_steps < 2:
@@ -87,7 +93,12 @@ def demo(config: DemoConfig) -> dict[str, Path]:
 
     start = time.perf_counter()
     out = config.out.resolve()
-    world = build_tiny_world(out / "world", num_hq_images=config.num_hq_images)
+    try:
+        world = build_tiny_world(
+            out / "world", num_hq_images=config.num_hq_images, model_family=config.model_family
+        )
+    except ValueError as exc:  # a world of another model family
+        raise InputError(f"OUT {config.out}: {exc}") from None
     os.environ.update(world.env())
     if config.inception_weights is not None:
         from sd3_lora_celeba.testing.inception import install_inception_weights

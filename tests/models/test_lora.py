@@ -1,4 +1,4 @@
-"""LoRA targets, save/load through stock diffusers (alpha kept), and per-block weight-change norms."""
+"""LoRA targets (attn2 of SD3.5 included), save/load through stock diffusers (alpha kept), per-block norms."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.models.loading import load_transformer
 from sd3_lora_celeba.models.lora import (
+    JOINT_ATTENTION_LINEARS,
     add_lora,
+    default_lora_layers,
+    dual_attention_blocks,
     load_lora_into_pipeline,
     lora_config,
     lora_delta_norms,
@@ -86,3 +90,84 @@ def test_missing_lora_folder_is_a_clear_error(tiny_sd3, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no pytorch_lora_weights.safetensors"):
         load_lora_into_pipeline(pipe, tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd35_medium(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("lora35") / "sd35m", "sd3.5-medium")
+
+
+def test_sd3_default_targets_are_the_joint_attention_only(tiny_sd3):
+    transformer = StableDiffusion3Pipeline.from_pretrained(tiny_sd3).transformer
+    assert default_lora_layers(transformer) == JOINT_ATTENTION_LINEARS
+    assert lora_target_modules(transformer, [4, 5]) == lora_target_modules(
+        transformer, [4, 5], JOINT_ATTENTION_LINEARS
+    )
+    with pytest.raises(ValueError, match="no dual-attention \\(attn2\\) blocks"):
+        lora_target_modules(transformer, [4], ["to_q", "attn2.to_q"])
+
+
+def test_sd35_medium_targets_attn2_of_dual_attention_blocks(tiny_sd35_medium):
+    transformer = load_transformer(str(tiny_sd35_medium))
+    assert dual_attention_blocks(transformer) == tuple(range(13))
+    targets = lora_target_modules(transformer, [12, 13])
+    assert "transformer_blocks.12.attn2.to_q" in targets and "transformer_blocks.12.attn2.to_out.0" in targets
+    assert not any(t.startswith("transformer_blocks.13.attn2") for t in targets)  # block 13 has no attn2
+    assert len(targets) == 8 + 4 + 8
+    # Explicit names: the joint "to_q" and "attn.to_q" are the same layer; attn2 only where it exists.
+    assert lora_target_modules(transformer, [0], ["to_q", "attn2.to_q"]) == [
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn2.to_q",
+    ]
+    assert lora_target_modules(transformer, [0], ["attn.to_q"]) == ["transformer_blocks.0.attn.to_q"]
+    with pytest.raises(ValueError, match="none of the chosen --lora-blocks has attn2.*blocks are 0..12"):
+        lora_target_modules(transformer, [13, 14], ["attn2.to_q"])
+    with pytest.raises(ValueError, match="no linear layer 'attn2.add_q_proj'"):
+        lora_target_modules(transformer, [0], ["attn2.add_q_proj"])
+
+
+def test_sd35_attn2_lora_loads_in_stock_pipeline(tiny_sd35_medium, tmp_path):
+    """The diffusers-format file with attn2 keys loads in stock load_lora_weights and gives the trained outputs."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd35_medium)
+    transformer = pipe.transformer
+    add_lora(transformer, lora_config(lora_target_modules(transformer, [0, 1, 13]), rank=2, alpha=2))
+    torch.manual_seed(2)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name and ".attn2." in name:  # only attn2 changes: proves its keys are read back
+            p.data.normal_(0, 0.2)
+    with torch.no_grad():
+        trained = transformer(*_inputs()).sample
+    save_lora(transformer, tmp_path / "ckpt")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert "transformer.transformer_blocks.0.attn2.to_q.lora_A.weight" in keys
+
+    fresh = StableDiffusion3Pipeline.from_pretrained(tiny_sd35_medium)
+    with torch.no_grad():
+        base = fresh.transformer(*_inputs()).sample
+    fresh.load_lora_weights(str(tmp_path / "ckpt"))  # stock diffusers, no helper
+    with torch.no_grad():
+        reloaded = fresh.transformer(*_inputs()).sample
+    assert not torch.allclose(base, trained)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-6)
+
+
+def test_alpha_other_than_rank_warns_about_comfyui_once(tiny_sd3, tmp_path, caplog, monkeypatch):
+    import sd3_lora_celeba.models.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "_warned_alpha", set())  # "once per process": forget earlier tests
+    transformer = load_transformer(str(tiny_sd3))
+    add_lora(transformer, lora_config(lora_target_modules(transformer, [4]), rank=4, alpha=8))
+    with caplog.at_level("WARNING", logger="sd3_lora_celeba.models.lora"):
+        save_lora(transformer, tmp_path / "a")
+        save_lora(transformer, tmp_path / "b")
+    warnings = [r.getMessage() for r in caplog.records if "ComfyUI" in r.getMessage()]
+    assert len(warnings) == 1 and "0.5 times" in warnings[0] and "export-lora" in warnings[0]
+    same = load_transformer(str(tiny_sd3))
+    add_lora(same, lora_config(lora_target_modules(same, [4]), rank=4))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sd3_lora_celeba.models.lora"):
+        save_lora(same, tmp_path / "c")
+    assert not [r for r in caplog.records if "ComfyUI" in r.getMessage()]

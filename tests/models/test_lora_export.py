@@ -39,7 +39,7 @@ def _export(folder, out, *extra):
 
 def test_round_trip_is_exact(lora_folder, tmp_path):
     out = tmp_path / "comfy.safetensors"
-    result = _export(lora_folder, out, "--format", "comfyui")
+    result = _export(lora_folder, out, "--format", "comfyui", "--dtype", "float32")
     assert result.exit_code == 0, result.output
     state = load_file(str(out))
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in state
@@ -58,7 +58,7 @@ def test_round_trip_is_exact(lora_folder, tmp_path):
 def test_comfyui_deltas_equal_the_diffusers_deltas(lora_folder, tmp_path):
     """ComfyUI applies up @ down * alpha / down.shape[0] to the fused MM-DiT weight: same change as diffusers."""
     out = tmp_path / "comfy.safetensors"
-    assert _export(lora_folder, out).exit_code == 0
+    assert _export(lora_folder, out, "--dtype", "float32").exit_code == 0
     state = load_file(str(out))
     original, alpha, rank = read_diffusers_lora(lora_folder)
     for block, stream, parts in ((0, "x_block", ("to_q", "to_k", "to_v")), (2, "context_block", ("add_q_proj", "add_k_proj", "add_v_proj"))):  # fmt: skip
@@ -75,11 +75,14 @@ def test_comfyui_deltas_equal_the_diffusers_deltas(lora_folder, tmp_path):
 def test_export_refuses_to_clobber_and_bad_input(lora_folder, tmp_path):
     out = tmp_path / "comfy.safetensors"
     assert _export(lora_folder, out).exit_code == 0
+    default = load_file(str(out))  # half precision by default, alpha scalars kept in fp32
+    assert default["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].dtype == torch.float16
+    assert default["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"].dtype == torch.float32
     again = _export(lora_folder, out)
     assert again.exit_code == 2 and "already exists" in again.output
-    assert _export(lora_folder, out, "--overwrite", "--dtype", "float16").exit_code == 0
+    assert _export(lora_folder, out, "--overwrite", "--dtype", "float32").exit_code == 0
     assert (
-        load_file(str(out))["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].dtype == torch.float16
+        load_file(str(out))["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].dtype == torch.float32
     )
     missing = _export(tmp_path / "nope", tmp_path / "x.safetensors")
     assert missing.exit_code == 2 and "LoRA folder not found" in missing.output
@@ -105,3 +108,67 @@ def test_zero_initialised_lora_leaves_outputs_unchanged():
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(0.5)
         assert not torch.allclose(model(**inputs).sample, before)
+
+
+# ComfyUI's SD3/SD3.5 key map (comfy/utils.py mmdit_to_diffusers + comfy/lora.py "lora_unet_" keys), written out
+# for the attention linears: diffusers module of block i -> (MM-DiT module of joint_blocks.i, row slice q|k|v).
+COMFYUI_ATTENTION_MAP = {
+    "attn.to_q": ("x_block.attn.qkv", 0),
+    "attn.to_k": ("x_block.attn.qkv", 1),
+    "attn.to_v": ("x_block.attn.qkv", 2),
+    "attn.to_out.0": ("x_block.attn.proj", 0),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0),
+    "attn.add_k_proj": ("context_block.attn.qkv", 1),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2),
+    "attn.to_add_out": ("context_block.attn.proj", 0),
+    "attn2.to_q": ("x_block.attn2.qkv", 0),
+    "attn2.to_k": ("x_block.attn2.qkv", 1),
+    "attn2.to_v": ("x_block.attn2.qkv", 2),
+    "attn2.to_out.0": ("x_block.attn2.proj", 0),
+}
+
+
+def sd35_medium_like() -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8, num_layers=3, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        caption_projection_dim=16, pooled_projection_dim=8, out_channels=16, pos_embed_max_size=16,
+        dual_attention_layers=(0, 1), qk_norm="rms_norm",
+    ).eval()  # fmt: skip
+
+
+def test_sd35_attn2_keys_follow_comfyui_map_and_deltas_match(tmp_path):
+    model = sd35_medium_like()
+    add_lora(model, lora_config(lora_target_modules(model, [0, 1, 2]), rank=2, alpha=4.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    save_lora(model, tmp_path / "ckpt")
+    out = tmp_path / "comfy.safetensors"
+    assert _export(tmp_path / "ckpt", out, "--dtype", "float32").exit_code == 0
+    state = load_file(str(out))
+    original, alpha, rank = read_diffusers_lora(tmp_path / "ckpt")
+    assert any(".attn2." in k for k in original)
+    checked = 0
+    for key in original:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")  # transformer_blocks.{i}.attn2.to_k
+        block, part = module.split(".", 2)[1:]
+        mmdit, row = COMFYUI_ATTENTION_MAP[part]
+        name = "lora_unet_" + f"joint_blocks.{block}.{mmdit}".replace(".", "_")
+        down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+        comfy_delta = up @ down * float(state[f"{name}.alpha"]) / down.shape[0]  # what ComfyUI adds
+        out_dim = comfy_delta.shape[0] // (3 if mmdit.endswith("qkv") else 1)
+        expected = original[f"{module}.lora_B.weight"] @ original[key] * alpha / rank
+        torch.testing.assert_close(
+            comfy_delta[row * out_dim : (row + 1) * out_dim], expected, rtol=1e-5, atol=1e-6
+        )
+        checked += 1
+    assert checked == len(original) // 2
+    assert "lora_unet_joint_blocks_1_x_block_attn2_proj.lora_up.weight" in state
+    assert not any(k.startswith("lora_unet_joint_blocks_2_x_block_attn2") for k in state)  # block 2: no attn2
+    back, back_alpha = from_comfyui(state)
+    assert back_alpha == alpha and back.keys() == original.keys()
+    for key in original:
+        torch.testing.assert_close(back[key], original[key], rtol=0, atol=0)

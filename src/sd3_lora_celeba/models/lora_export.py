@@ -1,18 +1,22 @@
 """``sd3 export-lora``: write a diffusers-format LoRA checkpoint in the ComfyUI / kohya key layout.
 
 ComfyUI names SD3 LoRA weights after the original MM-DiT state dict (``comfy/lora.py``: ``lora_unet_`` + the
-``diffusion_model.`` key with dots as underscores). diffusers splits MM-DiT's fused projections, so::
+``diffusion_model.`` key with dots as underscores; ``comfy/utils.py`` maps the diffusers names onto it, SD3.5's
+``attn2`` included). diffusers splits MM-DiT's fused projections, so::
 
-    diffusers (transformer_blocks.{i}.attn.)      MM-DiT / ComfyUI (lora_unet_joint_blocks_{i}_)
-    to_q, to_k, to_v                           -> x_block_attn_qkv          (fused, rows q|k|v)
-    to_out.0                                   -> x_block_attn_proj
-    add_q_proj, add_k_proj, add_v_proj         -> context_block_attn_qkv    (fused)
-    to_add_out                                 -> context_block_attn_proj
+    diffusers (transformer_blocks.{i}.)                MM-DiT / ComfyUI (lora_unet_joint_blocks_{i}_)
+    attn.to_q, attn.to_k, attn.to_v                 -> x_block_attn_qkv          (fused, rows q|k|v)
+    attn.to_out.0                                   -> x_block_attn_proj
+    attn.add_q_proj, attn.add_k_proj, attn.add_v_proj -> context_block_attn_qkv  (fused)
+    attn.to_add_out                                 -> context_block_attn_proj
+    attn2.to_q, attn2.to_k, attn2.to_v              -> x_block_attn2_qkv         (SD3.5 MMDiT-X blocks; fused)
+    attn2.to_out.0                                  -> x_block_attn2_proj
 
 Each module gets ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``; ComfyUI applies
 ``up @ down * alpha / rank`` with ``rank = lora_down.shape[0]``. A fused qkv LoRA is exact: ``down`` stacks the
 three A matrices (3r rows), ``up`` is block-diagonal in the three B matrices, and alpha becomes ``3 * alpha`` so the
-scale stays ``alpha / r``. A projection absent from the adapter contributes zero blocks.
+scale stays ``alpha / r``. A projection absent from the adapter contributes zero blocks. The tensors are written
+in float16 by default (``--dtype float32`` keeps full precision; the ``.alpha`` scalars stay float32).
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ import torch
 
 from sd3_lora_celeba.config import argument, option
 from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.models.loading import StorageDtype
 from sd3_lora_celeba.models.lora import adapter_config_from_metadata, lora_weights_file
 
 log = logging.getLogger(__name__)
 
 # MM-DiT module -> the diffusers linears it fuses, in row order.
 FUSED = {
-    "x_block_attn_qkv": ("to_q", "to_k", "to_v"),
-    "x_block_attn_proj": ("to_out.0",),
-    "context_block_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
-    "context_block_attn_proj": ("to_add_out",),
+    "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block_attn_proj": ("attn.to_out.0",),
+    "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block_attn_proj": ("attn.to_add_out",),
+    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block_attn2_proj": ("attn2.to_out.0",),
 }
 PREFIX = "lora_unet_joint_blocks_"
 
@@ -49,7 +56,9 @@ class ExportLoraConfig:
     format: Literal["comfyui"] = option(
         "comfyui", "Key layout: comfyui (kohya-style MM-DiT names, fused qkv)."
     )
-    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "dtype of the written tensors.")
+    dtype: StorageDtype = option(
+        "float16", "dtype of the written LoRA tensors (half by default; float32 keeps full precision)."
+    )
     overwrite: bool = option(False, "Replace an existing output file.")
 
     def __post_init__(self) -> None:
@@ -81,7 +90,7 @@ def to_comfyui(tensors: dict[str, torch.Tensor], alpha: float, rank: int) -> dic
     out: dict[str, torch.Tensor] = {}
     for i in blocks:
         for module, parts in FUSED.items():
-            keys = [f"transformer_blocks.{i}.attn.{p}" for p in parts]
+            keys = [f"transformer_blocks.{i}.{p}" for p in parts]
             present = [k for k in keys if f"{k}.lora_A.weight" in tensors]
             if not present:
                 continue
@@ -120,8 +129,8 @@ def from_comfyui(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             b = up[j * out_dim : (j + 1) * out_dim, j * rank : (j + 1) * rank]
             if not a.any() and not b.any():
                 continue
-            out[f"transformer_blocks.{block}.attn.{part}.lora_A.weight"] = a.clone()
-            out[f"transformer_blocks.{block}.attn.{part}.lora_B.weight"] = b.clone()
+            out[f"transformer_blocks.{block}.{part}.lora_A.weight"] = a.clone()
+            out[f"transformer_blocks.{block}.{part}.lora_B.weight"] = b.clone()
     if len(alphas) != 1:
         raise ValueError(f"expected one alpha per rank across modules, found {sorted(alphas)}")
     return out, alphas.pop()

@@ -7,6 +7,14 @@ eval mode, so loading the folder with ``from_pretrained`` gives the same numbers
 
 Native resolution: ``TINY_IMAGE_SIZE`` px (transformer ``sample_size`` x VAE factor 8), the way SD3-medium's
 native 1024 px is 128 x 8.
+
+:data:`TINY_SPECS` also holds SD3.5-shaped variants, detected as their family by
+:func:`sd3_lora_celeba.models.families.detect_family` from the same config fields as the real models::
+
+    family        blocks  dual_attention_layers        qk_norm   shaped like
+    sd3-medium    24      none                         none      stable-diffusion-3-medium-diffusers
+    sd3.5-medium  24      0..12 (MMDiT-X, has attn2)   rms_norm  stable-diffusion-3.5-medium
+    sd3.5-large   38      none                         rms_norm  stable-diffusion-3.5-large
 """
 
 from __future__ import annotations
@@ -34,6 +42,15 @@ class TinySD3Spec:
     t5_d_model: int = 64
     vae_channels: tuple[int, ...] = (8, 8, 16, 16)
     seed: int = 0
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5-medium: blocks 0..12 have a second self-attention
+    qk_norm: str | None = None  # SD3.5: "rms_norm" on queries and keys
+
+
+TINY_SPECS = {
+    "sd3-medium": TinySD3Spec(),
+    "sd3.5-medium": TinySD3Spec(dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "sd3.5-large": TinySD3Spec(num_layers=38, qk_norm="rms_norm"),
+}
 
 
 def _seeded(seed: int) -> None:
@@ -101,6 +118,8 @@ def build_tiny_sd3_components(spec: TinySD3Spec = TinySD3Spec()) -> dict:
         pooled_projection_dim=spec.clip_l_hidden + spec.clip_g_hidden,
         out_channels=16,
         pos_embed_max_size=32,
+        dual_attention_layers=spec.dual_attention_layers,
+        qk_norm=spec.qk_norm,
     ).eval()
 
     _seeded(spec.seed + 5)
@@ -135,11 +154,22 @@ def build_tiny_sd3_components(spec: TinySD3Spec = TinySD3Spec()) -> dict:
     }
 
 
-def build_tiny_sd3(path: Path | str, spec: TinySD3Spec = TinySD3Spec()) -> Path:
+def tiny_spec(family: str) -> TinySD3Spec:
+    """The tiny spec of a model family (``sd3-medium``, ``sd3.5-medium``, ``sd3.5-large``)."""
+    try:
+        return TINY_SPECS[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; choose among {', '.join(TINY_SPECS)}") from None
+
+
+def build_tiny_sd3(path: Path | str, spec: TinySD3Spec | str = TinySD3Spec()) -> Path:
     """Save a tiny SD3 pipeline folder at ``path`` (loadable with ``StableDiffusion3Pipeline.from_pretrained``).
 
-    Building takes a few seconds; a finished folder (``model_index.json`` present) is reused as it is.
+    ``spec`` is a :class:`TinySD3Spec` or a family name of :data:`TINY_SPECS`. Building takes a few seconds; a
+    finished folder (``model_index.json`` present) is reused as it is.
     """
+    if isinstance(spec, str):
+        spec = tiny_spec(spec)
     from diffusers import StableDiffusion3Pipeline
 
     path = Path(path)

@@ -7,7 +7,7 @@
     ├── world.json               written last: the world is complete
     ├── CelebAMask-HQ/           synthetic CelebAMask-HQ release (attribute + mapping files, CelebA-HQ-img/)
     ├── CelebA/                  synthetic CelebA release (Anno/, Eval/, Img/img_celeba/)
-    ├── models/sd3/              tiny SD3 pipeline (diffusers folder)
+    ├── models/sd3/              tiny SD3 pipeline (diffusers folder; SD3.5-shaped with --model-family)
     ├── models/blip2/            tiny BLIP-2 (transformers folder)
     ├── models/llama3/           tiny Llama-3-style chat model (transformers folder)
     ├── inception/pt_inception-random.pth   random-weight FID Inception
@@ -36,6 +36,7 @@ class TinyWorld:
     llama3: Path
     inception_weights: Path
     torch_home: Path
+    model_family: str = "sd3-medium"  # shape of the tiny SD3 model: a key of testing.tiny_sd3.TINY_SPECS
 
     def env(self) -> dict[str, str]:
         """Environment that points every default model (and pytorch-fid's weights) into this world."""
@@ -56,17 +57,21 @@ def build_tiny_world(
     num_celeba_extra: int = 24,
     celeba_size_range: tuple[int, int] = (600, 1000),
     seed: int = 0,
+    model_family: str = "sd3-medium",
 ) -> TinyWorld:
     """Build (or reuse, if ``world.json`` exists) the tiny world below ``root``.
 
     The CelebA in-the-wild images straddle the default ``--min-image-size`` of 768 px, so that
-    ``sd3 prepare-celeba`` both keeps and rejects images with its default settings.
+    ``sd3 prepare-celeba`` both keeps and rejects images with its default settings. ``model_family`` shapes the
+    tiny SD3 model like SD3-medium (default), SD3.5-medium (MMDiT-X blocks with ``attn2``) or SD3.5-large (38
+    blocks); a world already built for another family is refused with a ValueError.
     """
     from sd3_lora_celeba.testing.celeba_synth import make_celeba_hq_release, make_celeba_release
     from sd3_lora_celeba.testing.inception import install_inception_weights, write_random_inception_weights
     from sd3_lora_celeba.testing.tiny_captioners import build_tiny_blip2, build_tiny_llama3
-    from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
+    from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3, tiny_spec
 
+    spec = tiny_spec(model_family)
     root = Path(root)
     world = TinyWorld(
         root=root,
@@ -77,8 +82,14 @@ def build_tiny_world(
         llama3=root / "models" / "llama3",
         inception_weights=root / "inception" / "pt_inception-random.pth",
         torch_home=root / "torch-home",
+        model_family=model_family,
     )
     if (root / WORLD_INFO).is_file():
+        built = json.loads((root / WORLD_INFO).read_text(encoding="utf-8")).get("model_family", "sd3-medium")
+        if built != model_family:
+            raise ValueError(
+                f"{root}: tiny world built for model family {built}, not {model_family}; use another folder"
+            )
         return world
     root.mkdir(parents=True, exist_ok=True)
     make_celeba_hq_release(world.celeba_hq, num_images=num_hq_images, image_size=hq_image_size, seed=seed)
@@ -89,7 +100,7 @@ def build_tiny_world(
         size_range=celeba_size_range,
         seed=seed + 1,
     )
-    build_tiny_sd3(world.sd3)
+    build_tiny_sd3(world.sd3, spec)
     build_tiny_blip2(world.blip2, seed=seed)
     build_tiny_llama3(world.llama3, seed=seed)
     write_random_inception_weights(world.inception_weights, seed=seed)
