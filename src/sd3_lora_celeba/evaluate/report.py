@@ -119,10 +119,15 @@ def table(record, scores, metric: str = "fid") -> tuple[list[str], list[list[str
             s = _table_score(record, scores, model, step, v)
             row.append(None if s is None else float(s[metric]))
         values.append(row)
-    present = [x for row in values for x in row if x is not None]
-    scale = min((abs(x) for x in present if x), default=10.0)
+    columns = [sorted(row[j] for row in values if row[j] is not None) for j in range(len(variants))]
+    best = [col[0] if col else None for col in columns]
+    scale = min((abs(x) for col in columns for x in col if x), default=10.0)
     decimals = 1 if scale >= 10 else 2 if scale >= 1 else 4
-    best = [min((row[j] for row in values if row[j] is not None), default=None) for j in range(len(variants))]
+    # More decimals while the bold value would print like the runner-up.
+    while decimals < 6 and any(
+        len(c) > 1 and c[0] != c[1] and f"{c[0]:.{decimals}f}" == f"{c[1]:.{decimals}f}" for c in columns
+    ):
+        decimals += 1
     rows = []
     for (_, _, label), row in zip(_models(record), values, strict=True):
         cells = []
@@ -333,7 +338,7 @@ def write_manifest(out: Path, record: dict[str, Any], examples: list[Path]) -> d
     for lib in ("numpy", "scipy", "matplotlib", "safetensors"):
         libraries[lib] = importlib.metadata.version(lib)
     state = parallel.process_state()
-    device = {"type": state.device.type, "processes": state.num_processes, "cuda": torch.version.cuda}
+    device = {"type": state.device.type, "processes": state.num_processes, "torch_cuda": torch.version.cuda}
     if state.device.type == "cuda":
         device["name"] = torch.cuda.get_device_name(state.device)
     ev = record["evaluation"]
