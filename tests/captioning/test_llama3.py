@@ -133,7 +133,7 @@ def test_empty_answer_is_not_written(tiny_env, blip2_dataset, monkeypatch, capti
 @pytest.mark.parametrize(
     ("attributes", "message"),
     [
-        ({"Smiling": True}, "no 'attributes' mapping with 'Male'"),
+        ({"Smiling": True}, "no 'Male' attribute"),
         ({"Male": True, "Sunglasses": True}, "unknown attribute(s) Sunglasses"),
         ({"Male": 1}, "attribute(s) Male are not true/false"),
     ],

@@ -15,15 +15,13 @@ import torch
 
 from sd3_lora_celeba import layout
 from sd3_lora_celeba.captioning.loop import (
-    PrecisionChoice,
+    examples_with_files,
     model_name_option,
-    resolve_dtype,
     run_caption_loop,
-    select_examples,
 )
 from sd3_lora_celeba.config import argument, option
-from sd3_lora_celeba.models.loading import BLIP2_MODEL_ENV, DEFAULT_BLIP2_MODEL
-from sd3_lora_celeba.parallel import process_state
+from sd3_lora_celeba.models.loading import BLIP2_MODEL_ENV, DEFAULT_BLIP2_MODEL, Precision, resolve_dtype
+from sd3_lora_celeba.parallel import process_state, stage_lock
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,7 @@ class CaptionBlip2Config:
         30,
         "Warn about captions longer than this many words (or repeating themselves); they are still written.",
     )
-    precision: PrecisionChoice = option(
+    precision: Precision = option(
         "auto", "Model dtype. auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU."
     )
     overwrite: bool = option(False, "Caption again examples that already have prompt_blip2.txt.")
@@ -61,6 +59,10 @@ class CaptionBlip2Config:
         ):
             if value < 1:
                 raise ValueError(f"{flag} {value}: must be at least 1")
+        if self.max_new_tokens > 4096 or self.num_beams > 64:
+            raise ValueError(
+                f"--max-new-tokens {self.max_new_tokens} / --num-beams {self.num_beams}: at most 4096 / 64"
+            )
         if not self.model_name:
             raise ValueError(f"--model-name is empty: give a hub id or a folder (or set {BLIP2_MODEL_ENV})")
 
@@ -69,9 +71,18 @@ def load_blip2(model_name: str, revision: str | None, dtype: torch.dtype, device
     """The BLIP-2 model (eval mode, on ``device``) and its processor."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    processor = Blip2Processor.from_pretrained(model_name, revision=revision or "main")
-    model = Blip2ForConditionalGeneration.from_pretrained(
-        model_name, revision=revision or "main", dtype=dtype
+    from sd3_lora_celeba.models.loading import load_pretrained
+
+    revision = revision or "main"
+    processor = load_pretrained(
+        Blip2Processor.from_pretrained, model_name, what="BLIP-2 processor", revision=revision
+    )
+    model = load_pretrained(
+        Blip2ForConditionalGeneration.from_pretrained,
+        model_name,
+        what="BLIP-2 model",
+        revision=revision,
+        dtype=dtype,
     )
     model = model.to(device).eval()
     if processor.num_query_tokens is None:
@@ -99,13 +110,14 @@ def generate_captions(model, processor, images: list, *, max_new_tokens: int, nu
 def _read_images(example_dirs: list[Path]) -> list:
     from PIL import Image
 
+    from sd3_lora_celeba.data.crop import to_rgb
     from sd3_lora_celeba.errors import InputError
 
     images = []
     for d in example_dirs:
         try:
             with Image.open(d / layout.IMAGE) as image:
-                images.append(image.convert("RGB"))
+                images.append(to_rgb(image, d / layout.IMAGE))  # 16-bit scaled, not clipped to white
         except OSError as exc:
             raise InputError(
                 f"{d / layout.IMAGE}: cannot read image ({exc}); replace or delete the file"
@@ -115,7 +127,7 @@ def _read_images(example_dirs: list[Path]) -> list:
 
 def caption_blip2(config: CaptionBlip2Config) -> int:
     """Write ``prompt_blip2.txt`` for every example with an image; return how many this process wrote."""
-    examples = select_examples(config.dataset, (layout.EXAMPLE_RECORD, layout.IMAGE), WHAT)
+    examples = examples_with_files(config.dataset, (layout.EXAMPLE_RECORD, layout.IMAGE), WHAT)
 
     def load_generator():
         device = process_state().device
@@ -136,13 +148,14 @@ def caption_blip2(config: CaptionBlip2Config) -> int:
 
         return generate
 
-    stats = run_caption_loop(
-        examples,
-        output_name=OUTPUT,
-        load_generator=load_generator,
-        batch_size=config.batch_size,
-        overwrite=config.overwrite,
-        what=WHAT,
-        max_words=config.max_caption_words,
-    )
+    with stage_lock(config.dataset, WHAT, f"{WHAT} {config.dataset}", processes=True):
+        stats = run_caption_loop(
+            examples,
+            output_name=OUTPUT,
+            load_generator=load_generator,
+            batch_size=config.batch_size,
+            overwrite=config.overwrite,
+            what=WHAT,
+            max_words=config.max_caption_words,
+        )
     return stats.written

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -22,17 +23,16 @@ import torch
 from sd3_lora_celeba import layout
 from sd3_lora_celeba.captioning.cleaning import clean_caption
 from sd3_lora_celeba.captioning.loop import (
-    PrecisionChoice,
+    examples_with_files,
     model_name_option,
-    resolve_dtype,
     run_caption_loop,
-    select_examples,
 )
 from sd3_lora_celeba.captioning.prompting import attribute_sentences, build_messages
 from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.data import records
 from sd3_lora_celeba.errors import InputError
-from sd3_lora_celeba.models.loading import DEFAULT_LLAMA3_MODEL, LLAMA3_MODEL_ENV
-from sd3_lora_celeba.parallel import process_state
+from sd3_lora_celeba.models.loading import DEFAULT_LLAMA3_MODEL, LLAMA3_MODEL_ENV, Precision, resolve_dtype
+from sd3_lora_celeba.parallel import process_state, stage_lock
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class CaptionLlama3Config:
     max_caption_words: int = option(
         60, "Warn about captions longer than this many words (or repeating themselves)."
     )
-    precision: PrecisionChoice = option(
+    precision: Precision = option(
         "auto", "Model dtype. auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU."
     )
     overwrite: bool = option(False, "Caption again examples that already have prompt_llama3.txt.")
@@ -72,8 +72,10 @@ class CaptionLlama3Config:
         ):
             if value < 1:
                 raise ValueError(f"{flag} {value}: must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature {self.temperature}: must be 0 (greedy) or positive")
+        if self.max_new_tokens > 4096:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: must be at most 4096")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 100):
+            raise ValueError(f"--temperature {self.temperature}: must be 0 (greedy) or a positive number")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
         if not self.model_name:
@@ -81,32 +83,18 @@ class CaptionLlama3Config:
 
 
 def read_attributes(example_dir: Path) -> dict[str, bool]:
-    """The CelebA attributes of an example record, checked (names known, values booleans, ``Male`` present)."""
-    path = Path(example_dir) / layout.EXAMPLE_RECORD
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read example record ({exc}); re-run the prepare stage") from None
-    attributes = record.get("attributes") if isinstance(record, dict) else None
-    if not isinstance(attributes, dict) or "Male" not in attributes:
-        raise InputError(f"{path}: no 'attributes' mapping with 'Male'; re-run the prepare stage")
-    unknown = sorted(set(attributes) - set(layout.ATTRIBUTES))
-    if unknown:
-        raise InputError(
-            f"{path}: unknown attribute(s) {', '.join(unknown)}; use the 40 CelebA attribute names"
-        )
-    bad = sorted(k for k, v in attributes.items() if not isinstance(v, bool))
-    if bad:
-        raise InputError(
-            f"{path}: attribute(s) {', '.join(bad)} are not true/false; re-run the prepare stage"
-        )
+    """The checked CelebA attributes of an example record (``records.read_attributes``), ``Male`` required."""
+    attributes = records.read_attributes(example_dir)
+    if "Male" not in attributes:
+        path = Path(example_dir) / layout.EXAMPLE_RECORD
+        raise InputError(f"{path}: no 'Male' attribute; re-run the prepare stage")
     return attributes
 
 
 def read_blip2_caption(example_dir: Path) -> str:
     """The example's BLIP-2 caption; an empty one is an InputError (the rewrite would be invented)."""
     path = Path(example_dir) / INPUT
-    caption = path.read_text(encoding="utf-8").strip()
+    caption = records.read_caption(path)  # one line naming the file if it is not UTF-8
     if not caption:
         raise InputError(f"{path}: empty BLIP-2 caption; delete the file and re-run sd3 caption-blip2")
     return caption
@@ -128,13 +116,24 @@ def load_llama3(model_name: str, revision: str | None, dtype: torch.dtype, devic
     """The chat model (eval mode, on ``device``) and its tokenizer, set up for left-padded batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision or "main", padding_side="left")
+    from sd3_lora_celeba.models.loading import load_pretrained
+
+    revision = revision or "main"
+    tokenizer = load_pretrained(
+        AutoTokenizer.from_pretrained,
+        model_name,
+        what="Llama 3 tokenizer",
+        revision=revision,
+        padding_side="left",
+    )
     if tokenizer.chat_template is None:
         raise InputError(f"{model_name}: the tokenizer has no chat template; use an instruct (chat) model")
     if tokenizer.pad_token is None:
         # Llama 3 defines no pad token; padded positions are masked, so end-of-sequence serves.
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision or "main", dtype=dtype)
+    model = load_pretrained(
+        AutoModelForCausalLM.from_pretrained, model_name, what="Llama 3 model", revision=revision, dtype=dtype
+    )
     return model.to(device).eval(), tokenizer
 
 
@@ -169,7 +168,7 @@ def generate_captions(
 
 def caption_llama3(config: CaptionLlama3Config) -> int:
     """Write ``prompt_llama3.txt`` for every example with a BLIP-2 caption; return how many this process wrote."""
-    examples = select_examples(config.dataset, (layout.EXAMPLE_RECORD, INPUT), WHAT)
+    examples = examples_with_files(config.dataset, (layout.EXAMPLE_RECORD, INPUT), WHAT)
     # Check every input before the model loads, so a bad file fails in seconds rather than mid-run.
     for example_dir in examples:
         read_blip2_caption(example_dir)
@@ -198,13 +197,14 @@ def caption_llama3(config: CaptionLlama3Config) -> int:
 
         return generate
 
-    stats = run_caption_loop(
-        examples,
-        output_name=OUTPUT,
-        load_generator=load_generator,
-        batch_size=config.batch_size,
-        overwrite=config.overwrite,
-        what=WHAT,
-        max_words=config.max_caption_words,
-    )
+    with stage_lock(config.dataset, WHAT, f"{WHAT} {config.dataset}", processes=True):
+        stats = run_caption_loop(
+            examples,
+            output_name=OUTPUT,
+            load_generator=load_generator,
+            batch_size=config.batch_size,
+            overwrite=config.overwrite,
+            what=WHAT,
+            max_words=config.max_caption_words,
+        )
     return stats.written

@@ -12,25 +12,17 @@ Contract of the loop:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
 
 from sd3_lora_celeba import layout, parallel
 from sd3_lora_celeba.config import option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import atomic_write_text
-from sd3_lora_celeba.models.loading import torch_dtype
 
 log = logging.getLogger(__name__)
-
-PrecisionChoice = Literal["auto", "float32", "float16", "bfloat16"]
 
 # A generator turns a batch of example folders into one caption per folder, in the same order.
 GenerateBatch = Callable[[list[Path]], list[str]]
@@ -50,26 +42,11 @@ MAX_DEGENERATE_WARNINGS = 5
 
 
 def model_name_option(default: str, env: str, help: str):
-    """A ``--model-name`` field whose default is ``$env`` when set, else ``default``.
-
-    Read when a config is made, so both the CLI and Python callers (``sd3 demo``, tests) follow the variable.
-    """
-    declared = option(default, help, env=env)
-    return dataclasses.field(
-        default_factory=lambda: os.environ.get(env) or default, metadata=declared.metadata
-    )
+    """A ``--model-name`` field whose default is ``$env`` when set, else ``default`` (``option(env=...)``)."""
+    return option(default, help, env=env)
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """dtype of ``--precision``: ``auto`` is bfloat16 on CUDA (float16 without bf16 support), float32 on CPU."""
-    if precision != "auto":
-        return torch_dtype(precision)
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def select_examples(dataset: Path, required: Sequence[str], what: str) -> list[Path]:
+def examples_with_files(dataset: Path, required: Sequence[str], what: str) -> list[Path]:
     """Example folders at or below ``dataset`` that hold every file in ``required``, sorted by path.
 
     Raises :class:`InputError` when ``dataset`` is not a folder or holds no such example.

@@ -32,7 +32,7 @@ from sd3_lora_celeba.data.celeba_files import (
     require_rows,
 )
 from sd3_lora_celeba.data.crop import crop_face, image_size, is_large_enough
-from sd3_lora_celeba.data.dataset import (
+from sd3_lora_celeba.data.records import (
     SOURCE_CELEBA,
     celeba_example_id,
     example_dir,

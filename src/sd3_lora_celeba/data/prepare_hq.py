@@ -4,15 +4,26 @@ Reads the release (``CelebAMask-HQ-attribute-anno.txt``, ``CelebA-HQ-to-CelebA-m
 ``CelebA-HQ-img/<idx>.jpg``), splits it 80/10/10 stratified on Male x Wearing_Lipstick x Smiling (or by whole
 identities), and writes ``DST/<split>/hq-<idx>/{image.jpg, example.json}`` as documented in ``layout``.
 
+Every input is checked before the first write: the annotation files, and every image that will be written
+(decoded, so a corrupt or truncated file stops the run with nothing written). A PNG or 16-bit image named
+``.jpg`` is converted to an 8-bit RGB JPEG; released JPEGs are stored byte for byte.
+
 Safe to interrupt and re-run: ``dataset.json`` is written first (so a re-run with other split options is
 refused instead of mixing two splits), each example's ``example.json`` last (so finished examples are
-skipped). ``--overwrite`` rewrites every example and only then removes folders the new split no longer has.
+skipped). Before any example is written, every example folder that is not where ``dataset.json``'s split
+puts it is moved there (its record deleted first, so it counts as unfinished; its captions and caches, which
+depend only on the image, go with it) and folders of ids the split does not hold are deleted. So a run killed
+after ``--overwrite`` changed the split, then re-run with or without ``--overwrite``, never leaves an id in
+two splits. Only folders named like examples (``hq-*``, ``celeba-*``) are touched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +39,8 @@ from sd3_lora_celeba.data.celeba_files import (
     read_identity_file,
     require_rows,
 )
-from sd3_lora_celeba.data.crop import check_jpeg_bytes
-from sd3_lora_celeba.data.dataset import (
+from sd3_lora_celeba.data.crop import check_image_bytes, release_image_bytes
+from sd3_lora_celeba.data.records import (
     SOURCE_HQ,
     example_dir,
     example_record,
@@ -50,12 +61,15 @@ from sd3_lora_celeba.layout import (
     CELEBA_ID_PREFIX,
     CELEBA_IDENTITY,
     DATASET_INFO,
+    EXAMPLE_RECORD,
     HQ_ATTRIBUTES,
+    HQ_ID_PREFIX,
     HQ_IMAGES,
     HQ_MAPPING,
     IMAGE,
     SPLITS,
 )
+from sd3_lora_celeba.parallel import stage_lock
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +118,8 @@ def load_hq_release(src: Path, celeba_dir: Path | None = None) -> HQRelease:
         raise InputError(f"{src}: not a folder; pass the extracted CelebAMask-HQ folder as SRC")
     attr_path = src / HQ_ATTRIBUTES
     table = read_attribute_file(attr_path)
+    if len(table) == 0:
+        raise InputError(f"{attr_path}: lists no images; the release is empty or its download incomplete")
     mapping = read_hq_mapping(src / HQ_MAPPING)
     indices: list[int] = []
     for name, lineno in zip(table.files, table.lines, strict=True):
@@ -156,6 +172,52 @@ def _check_existing(config: PrepareCelebAHQConfig, old: dict[str, Any] | None, n
         )
 
 
+def check_images(paths: list[Path]) -> None:
+    """Decode every image in ``paths`` (at reduced scale, a few threads); InputError naming the first bad one."""
+
+    def check(path: Path) -> None:
+        check_image_bytes(path, path.read_bytes())
+
+    with (
+        ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool,
+        tqdm(total=len(paths), desc="checking images", unit="image", disable=None if paths else True) as bar,
+    ):
+        for _ in pool.map(check, paths):
+            bar.update()
+
+
+def move_misplaced_examples(dst: Path, wanted: dict[str, str], keep_celeba_extras: bool) -> int:
+    """Put every example folder where the split ``wanted`` (id -> split) says; delete the ids it lacks.
+
+    A moved folder loses its ``example.json`` first, so it is unfinished (rewritten) wherever a kill leaves it.
+    CelebA extras stay in train only with ``keep_celeba_extras`` (the split they were filtered for). Folders
+    not named like examples are left alone. Returns how many folders were moved or deleted.
+    """
+    changed = 0
+    for example_id, split in existing_examples(dst):
+        folder = example_dir(dst, split, example_id)
+        if example_id.startswith(CELEBA_ID_PREFIX):
+            if keep_celeba_extras and split == SPLITS[0]:
+                continue
+            remove_examples(dst, [(example_id, split)])
+        elif example_id.startswith(HQ_ID_PREFIX):
+            if wanted.get(example_id) == split:
+                continue
+            target = example_dir(dst, wanted[example_id], example_id) if example_id in wanted else None
+            (folder / EXAMPLE_RECORD).unlink(missing_ok=True)
+            if target is None or target.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(folder, target)
+        else:
+            continue
+        changed += 1
+    if changed:
+        log.info("%s: moved or removed %d example folder(s) that the split puts elsewhere", dst, changed)
+    return changed
+
+
 def prepare_celeba_hq(config: PrepareCelebAHQConfig) -> dict[str, Any]:
     """Split CelebAMask-HQ into ``config.dst``; return a summary (split sizes, written, skipped)."""
     release = load_hq_release(config.src, config.celeba_dir)
@@ -182,65 +244,64 @@ def prepare_celeba_hq(config: PrepareCelebAHQConfig) -> dict[str, Any]:
     same_split = old is not None and old.get("split_digest") == info["split_digest"]
     if same_split and "celeba" in old:
         info["celeba"] = old["celeba"]  # prepare-celeba's examples stay valid under the same split
+    # What will be written: examples not finished where the split puts them (every one with --overwrite).
+    todo = [
+        i
+        for i, (example_id, split) in enumerate(zip(ids, splits, strict=True))
+        if config.overwrite or not is_finished(example_dir(config.dst, split, example_id))
+    ]
+    check_images([release.image_paths[i] for i in todo])
 
-    # Everything is validated: from here on we write.
-    config.dst.mkdir(parents=True, exist_ok=True)
-    write_dataset_info(config.dst, info)
-    for split in SPLITS:
-        if (config.dst / split).is_dir():
-            remove_stale_temp_files(config.dst / split)
-
-    written = skipped = 0
-    with tqdm(total=len(ids), desc="prepare-celeba-hq", unit="image") as bar:
-        for i, (example_id, split, image_path) in enumerate(
-            zip(ids, splits, release.image_paths, strict=True)
-        ):
-            bar.update()
-            folder = example_dir(config.dst, split, example_id)
-            if is_finished(folder) and not config.overwrite:
-                skipped += 1
-                continue
-            data = image_path.read_bytes()
-            check_jpeg_bytes(image_path, data)  # before writing anything of this example
-            atomic_write_bytes(folder / IMAGE, data)  # released bytes unchanged: no re-encoding loss
-            record = example_record(
-                example_id=example_id,
-                source=SOURCE_HQ,
-                source_file=f"{HQ_IMAGES}/{image_path.name}",
-                celeba_file=release.celeba_files[i],
-                identity=release.identities[i],
-                split=split,
-                attributes={name: bool(v) for name, v in zip(ATTRIBUTES, release.attributes[i], strict=True)},
-            )
-            write_example_record(folder, record)
-            written += 1
-
-    if config.overwrite:
-        wanted = dict(zip(ids, splits, strict=True))
-        stale = [
-            (example_id, split)
-            for example_id, split in existing_examples(config.dst)
-            if wanted.get(example_id) != split
-            and not (same_split and example_id.startswith(CELEBA_ID_PREFIX) and split == SPLITS[0])
-        ]
-        if stale:
-            log.info("removing %d example folders that the new split does not hold", len(stale))
-            remove_examples(config.dst, stale)
+    # Everything is validated: from here on we write, holding the dataset's lock.
+    with stage_lock(config.dst, "prepare", f"prepare-celeba-hq {config.dst}"):
+        if read_dataset_info(config.dst) != old:
+            raise InputError(f"{config.dst / DATASET_INFO}: changed by another run meanwhile; run again")
+        write_dataset_info(config.dst, info)
+        for split in SPLITS:
+            if (config.dst / split).is_dir():
+                remove_stale_temp_files(config.dst / split)
+        move_misplaced_examples(config.dst, dict(zip(ids, splits, strict=True)), "celeba" in info)
         if not same_split and old is not None and "celeba" in old:
             log.warning("the split changed: CelebA extras were removed; re-run sd3 prepare-celeba")
-
-    info["hq_complete"] = True
-    write_dataset_info(config.dst, info)
+        written = _write_examples(config, release, ids, splits, todo)
+        info["hq_complete"] = True
+        write_dataset_info(config.dst, info)
 
     values_by_split = {s: release.attributes[assignment == k] for k, s in enumerate(SPLITS)}
-    Console().print(frequency_table(values_by_split))
-    log.info("attribute frequencies per split (%%):\n%s", "\n".join(frequency_lines(values_by_split)))
+    Console().print(
+        frequency_table(values_by_split)
+    )  # once: the log gets the plain lines only at debug level
+    log.debug("attribute frequencies per split (%%):\n%s", "\n".join(frequency_lines(values_by_split)))
     log.info(
         "%s: %s examples (%s); written %d, already done %d",
         config.dst,
         len(ids),
         ", ".join(f"{s} {n}" for s, n in info["split_sizes"].items()),
         written,
-        skipped,
+        len(ids) - written,
     )
-    return {"split_sizes": info["split_sizes"], "written": written, "skipped": skipped}
+    return {"split_sizes": info["split_sizes"], "written": written, "skipped": len(ids) - written}
+
+
+def _write_examples(
+    config: PrepareCelebAHQConfig, release: HQRelease, ids: list[str], splits: list[str], todo: list[int]
+) -> int:
+    """Write ``image.jpg`` then ``example.json`` of the examples ``todo`` (row indices); return how many."""
+    with tqdm(total=len(todo), desc="prepare-celeba-hq", unit="image") as bar:
+        for i in todo:
+            folder = example_dir(config.dst, splits[i], ids[i])
+            image_path = release.image_paths[i]
+            # Released JPEG bytes unchanged (no re-encoding loss); other formats as 8-bit RGB JPEG.
+            atomic_write_bytes(folder / IMAGE, release_image_bytes(image_path, image_path.read_bytes()))
+            record = example_record(
+                example_id=ids[i],
+                source=SOURCE_HQ,
+                source_file=f"{HQ_IMAGES}/{image_path.name}",
+                celeba_file=release.celeba_files[i],
+                identity=release.identities[i],
+                split=splits[i],
+                attributes={name: bool(v) for name, v in zip(ATTRIBUTES, release.attributes[i], strict=True)},
+            )
+            write_example_record(folder, record)
+            bar.update()
+    return len(todo)

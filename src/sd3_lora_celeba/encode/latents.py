@@ -30,7 +30,12 @@ bfloat16 keeps about 2, so prefer float16 unless the values overflow (they do no
 
 An example is done when its file exists and was made from the same image bytes. A file made with another
 model, revision, image size or storage dtype is never mixed in silently: the command stops and names the file;
-``--overwrite`` recomputes everything.
+``--overwrite`` recomputes everything. A file that cannot be read (truncated, not safetensors) is recomputed.
+
+Memory: one VAE call encodes ``--batch-size`` images and their flips. The default fits a 24 GB GPU and a
+laptop's RAM at 1024 px: on CUDA as many examples as 1024 x 1024 pixels' worth (1 at 1024 px, 4 at 512 px,
+at most 32); on the CPU a 256 x 256 pixels' worth (1 at 256 px and above, at most 8), since every extra
+1024 px example costs about 5 GB of RAM there.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import hashlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -48,15 +53,25 @@ from sd3_lora_celeba import layout, parallel
 from sd3_lora_celeba.config import argument, option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import atomic_save_safetensors
-from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, torch_dtype
+from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, StorageDtype, torch_dtype
 
 log = logging.getLogger(__name__)
 
 WHAT = "compute-latent-dist"
 FORMAT = "sd3-latent-dist/1"
-StorageDtype = Literal["float32", "float16", "bfloat16"]
 # Metadata that must agree between a cache file and the current command for the file to count as done.
 SETTINGS_KEYS = ("model_name", "model_revision", "image_size", "storage_dtype")
+MAX_IMAGE_SIZE = 4096
+MAX_BATCH_SIZE = 1024
+# Pixels per VAE call of the default batch size (each example is encoded with its flip, so twice this).
+DEFAULT_BATCH_PIXELS = {"cuda": 1024 * 1024, "cpu": 256 * 256}
+DEFAULT_BATCH_CAP = {"cuda": 32, "cpu": 8}
+
+
+def default_batch_size(image_size: int, device_type: str) -> int:
+    """Examples per VAE call that fit a 24 GB GPU (CUDA) or a few GB of RAM (CPU) at ``image_size``."""
+    kind = "cuda" if device_type == "cuda" else "cpu"
+    return max(1, min(DEFAULT_BATCH_CAP[kind], DEFAULT_BATCH_PIXELS[kind] // (image_size * image_size)))
 
 
 @dataclasses.dataclass
@@ -70,7 +85,11 @@ class ComputeLatentDistConfig:
         None,
         "Side in pixels the images are resized to. Default: the model's native size (1024 for SD3-medium).",
     )
-    batch_size: int = option(8, "Images per VAE call (per process); each is encoded with its flip.")
+    batch_size: int | None = option(
+        None,
+        "Images per VAE call (per process); each is encoded with its flip. Default: what fits a 24 GB GPU "
+        "(1 at 1024 px, 4 at 512 px, up to 32) on CUDA, and 1 at 256 px or more (up to 8 below) on the CPU.",
+    )
     storage_dtype: StorageDtype = option("float16", "dtype of the stored tensors (the VAE runs in float32).")
     num_workers: int = option(
         2, "Image-decoding worker processes per process (0 = decode in the main process)."
@@ -78,13 +97,16 @@ class ComputeLatentDistConfig:
     overwrite: bool = option(False, "Recompute examples that already have latent_dist.safetensors.")
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers {self.num_workers}: must be 0 or more")
-        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
+        if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"--batch-size {self.batch_size}: must be 1 to {MAX_BATCH_SIZE}")
+        if not 0 <= self.num_workers <= 64:
+            raise ValueError(f"--num-workers {self.num_workers}: must be 0 to 64")
+        if self.image_size is not None and not (
+            8 <= self.image_size <= MAX_IMAGE_SIZE and self.image_size % 8 == 0
+        ):
             raise ValueError(
-                f"--image-size {self.image_size}: must be a positive multiple of 8 (the VAE factor)"
+                f"--image-size {self.image_size}: must be a multiple of 8 (the VAE factor) from 8 to "
+                f"{MAX_IMAGE_SIZE}"
             )
         if not self.model_name:
             raise ValueError(f"--model-name is empty: give a hub id or a folder (or set {SD3_MODEL_ENV})")
@@ -98,7 +120,9 @@ def preprocess_image(image, image_size: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    image = image.convert("RGB")
+    from sd3_lora_celeba.data.crop import to_rgb
+
+    image = to_rgb(image)  # 16-bit grayscale scaled, not clipped to white
     width, height = image.size
     if width != height:
         side = min(width, height)
@@ -146,25 +170,64 @@ class _ImageFiles(torch.utils.data.Dataset):
 # --- cache files -----------------------------------------------------------------------------------------
 
 
+def rebuild_command(path: Path) -> str:
+    """The command that rebuilds the cache file ``path`` (a latent or prompt-embeds file of an example)."""
+    path = Path(path)
+    example_dir = path.parent
+    if path.name == layout.LATENT_DIST:
+        return f"sd3 compute-latent-dist {example_dir.parent}"
+    for encoder in (1, 2, 3):
+        if path.name == layout.prompt_embeds_file(encoder):
+            # The empty-prompt folder is its own target (README: sd3 compute-prompt-embeds N .../empty-prompt).
+            target = example_dir if example_dir.name == layout.EMPTY_PROMPT_DIR else example_dir.parent
+            return f"sd3 compute-prompt-embeds {encoder} {target}"
+    return "the command that made it"
+
+
+class UnreadableCacheError(InputError):
+    """A cache file that is truncated or not safetensors at all (the caching stages recompute it)."""
+
+
 def read_metadata(path: Path) -> dict[str, str]:
-    """Metadata of a safetensors file (only the header is read)."""
+    """Metadata of a safetensors file (only the header is read); one line naming the rebuild if unreadable."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise InputError(
-            f"{path}: unreadable safetensors file ({exc}); delete it and run the command again"
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise UnreadableCacheError(
+            f"{path}: unreadable cache file ({reason}); run {rebuild_command(path)} (it recomputes "
+            "unreadable files)"
         ) from None
+
+
+def read_metadata_or_none(path: Path, what: str) -> dict[str, str] | None:
+    """Metadata of a cache file of this stage, or None (with a warning) when it is unreadable: recompute it."""
+    try:
+        return read_metadata(path)
+    except UnreadableCacheError as exc:
+        log.warning("%s: %s; computing it again", what, exc.message.split("; run ")[0])
+        return None
 
 
 def native_image_size(model_name: str, revision: str | None) -> int:
     """The model's native resolution: transformer ``sample_size`` x VAE downsampling factor."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel.load_config(model_name, subfolder="transformer", revision=revision)
-    vae = AutoencoderKL.load_config(model_name, subfolder="vae", revision=revision)
+    from sd3_lora_celeba.models.loading import load_pretrained
+
+    transformer = load_pretrained(
+        SD3Transformer2DModel.load_config,
+        model_name,
+        what="SD3 transformer config",
+        subfolder="transformer",
+        revision=revision,
+    )
+    vae = load_pretrained(
+        AutoencoderKL.load_config, model_name, what="SD3 VAE config", subfolder="vae", revision=revision
+    )
     return int(transformer["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
@@ -182,7 +245,9 @@ def is_done(example_dir: Path, settings: dict[str, str]) -> bool:
     path = example_dir / layout.LATENT_DIST
     if not path.is_file():
         return False
-    meta = read_metadata(path)
+    meta = read_metadata_or_none(path, WHAT)
+    if meta is None:
+        return False
     if meta.get("format") != FORMAT:
         raise InputError(
             f"{path}: not a {WHAT} cache (format {meta.get('format')!r}); re-run with --overwrite"
@@ -209,8 +274,6 @@ def encode_latent_dist(vae, pixel_values: torch.Tensor) -> dict[str, torch.Tenso
 
 def compute_latent_dist(config: ComputeLatentDistConfig) -> dict[str, int]:
     """Cache the latent distribution of every pending example of this process; returns counts."""
-    from sd3_lora_celeba.models.loading import load_vae
-
     dataset = Path(config.dataset)
     if not dataset.is_dir():
         raise InputError(
@@ -222,6 +285,15 @@ def compute_latent_dist(config: ComputeLatentDistConfig) -> dict[str, int]:
             f"{dataset}: no example folder with {layout.IMAGE} at or below it; run prepare-celeba-hq"
         )
     image_size = config.image_size or native_image_size(config.model_name, config.model_revision)
+    with parallel.stage_lock(dataset, WHAT, f"{WHAT} {dataset}", processes=True):
+        written = _encode_pending(config, example_dirs, image_size)
+    return {"examples": len(example_dirs), "written": written}
+
+
+def _encode_pending(config: ComputeLatentDistConfig, example_dirs: list[Path], image_size: int) -> int:
+    """Encode this process's pending examples; return how many files it wrote."""
+    from sd3_lora_celeba.models.loading import load_vae
+
     settings = cache_settings(config, image_size)
     state = parallel.process_state()
     pending = parallel.pending_for_this_process(
@@ -231,6 +303,8 @@ def compute_latent_dist(config: ComputeLatentDistConfig) -> dict[str, int]:
     state.wait_for_everyone()
     written = 0
     if pending:
+        batch_size = config.batch_size or default_batch_size(image_size, state.device.type)
+        log.info("%s: %d image(s) per VAE call (each with its flip) at %d px", WHAT, batch_size, image_size)
         vae = load_vae(config.model_name, config.model_revision).to(state.device)
         meta_common = {
             "format": FORMAT,
@@ -241,7 +315,7 @@ def compute_latent_dist(config: ComputeLatentDistConfig) -> dict[str, int]:
         storage = torch_dtype(config.storage_dtype)
         loader = torch.utils.data.DataLoader(
             _ImageFiles(pending, image_size),
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             num_workers=config.num_workers,
             collate_fn=list,
         )
@@ -263,4 +337,4 @@ def compute_latent_dist(config: ComputeLatentDistConfig) -> dict[str, int]:
                     written += 1
                 bar.update(len(items))
     log.info("%s: process %d of %d wrote %d file(s)", WHAT, state.process_index, state.num_processes, written)
-    return {"examples": len(example_dirs), "written": written}
+    return written

@@ -19,6 +19,8 @@ This is exactly what ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` / ``_g
 pads CLIP prompts to the CLIP tokenizer's 77 tokens and applies ``max_sequence_length`` to T5 only, so for
 encoders 1 and 2 it must be 77, and for encoder 3 it is the pipeline's ``max_sequence_length`` (default 77
 here, as in the original project; the pipeline's own default is 256; the joined sequence is 77 + L tokens).
+Its upper bound is the model's own: ``tokenizer_3``'s ``model_max_length`` (512 for SD3 and SD3.5), checked
+once the tokenizer is loaded, before anything is written.
 
 The text is the file's content with surrounding whitespace removed; an empty file embeds the empty string (the
 README's ``touch empty-prompt/prompt_empty.txt``).
@@ -28,9 +30,11 @@ CLIP-L 77 x 768 x 2 + 768 x 2 = 117 KiB, CLIP-G 77 x 1280 x 2 + 1280 x 2 = 195 K
 about 1.8 MiB per example for the three files with two captions (blip2, llama3).
 
 Resumable: an example is done when its file holds every variant found on disk with the same text hash. An
-edited or new caption re-embeds only what changed (the other variants are copied from the old file). A file
-made with another model, revision or length is never mixed in: the command stops and names it; ``--overwrite``
-recomputes everything.
+edited or new caption re-embeds only what changed (the other variants are copied from the old file; a
+variant's tensors are found by the tensor-name suffix, so variant names with dots such as ``v1.2`` are kept
+too). A file made with another model, revision or length is never mixed in: the command stops and names it;
+``--overwrite`` recomputes everything. A file that cannot be read (truncated, not safetensors) is recomputed;
+a caption that is not UTF-8 stops the run with one line naming it.
 """
 
 from __future__ import annotations
@@ -40,13 +44,13 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from sd3_lora_celeba import layout, parallel
 from sd3_lora_celeba.config import argument, option
-from sd3_lora_celeba.encode.latents import read_metadata
+from sd3_lora_celeba.data.records import read_caption
+from sd3_lora_celeba.encode.latents import read_metadata_or_none
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import atomic_save_safetensors
 from sd3_lora_celeba.models.loading import (
@@ -54,6 +58,9 @@ from sd3_lora_celeba.models.loading import (
     SD3_MODEL_ENV,
     TEXT_ENCODER_ALIASES,
     TEXT_ENCODER_NAMES,
+    Precision,
+    StorageDtype,
+    resolve_dtype,
     torch_dtype,
 )
 
@@ -66,12 +73,20 @@ PROMPT_EMBEDS = "prompt_embeds"
 POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"
 # Metadata that must agree between a cache file and the current command.
 SETTINGS_KEYS = ("model_name", "model_revision", "encoder", "max_sequence_length")
-Precision = Literal["float32", "float16", "bfloat16"]
 
 
 def tensor_key(variant: str, name: str) -> str:
     """Key of one tensor in a prompt-embeds file, e.g. ``blip2.prompt_embeds``."""
     return f"{variant}.{name}"
+
+
+def key_variant(key: str) -> str | None:
+    """The variant of a tensor key (``v1.2.prompt_embeds`` -> ``v1.2``), None for a foreign key.
+
+    Split on the *last* dot: the tensor names hold none, variant names may (``prompt_v1.2.txt``).
+    """
+    variant, _, name = key.rpartition(".")
+    return variant if variant and name in (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS) else None
 
 
 def encoder_index(encoder: str | int) -> int:
@@ -97,7 +112,7 @@ class ComputePromptEmbedsConfig:
     precision: Precision = option(
         "float32", "dtype of the encoder weights; float16/bfloat16 halve T5-XXL's 19 GB on a GPU."
     )
-    storage_dtype: Precision = option("float16", "dtype of the stored embeddings.")
+    storage_dtype: StorageDtype = option("float16", "dtype of the stored embeddings.")
     overwrite: bool = option(False, "Re-embed every prompt, even those already cached.")
 
     def __post_init__(self) -> None:
@@ -134,7 +149,7 @@ def read_prompts(example_dir: Path) -> dict[str, str]:
     for path in sorted(Path(example_dir).iterdir()):
         variant = layout.prompt_variant(path)
         if variant is not None and path.is_file():
-            prompts[variant] = path.read_text(encoding="utf-8").strip()
+            prompts[variant] = read_caption(path)  # one line naming the file if it is not UTF-8
     return prompts
 
 
@@ -146,7 +161,7 @@ def cached_text_hashes(meta: dict[str, str]) -> dict[str, str]:
         return {}
 
 
-def check_settings(path: Path, meta: dict[str, str], settings: dict[str, str], fix: str) -> None:
+def check_cache_settings(path: Path, meta: dict[str, str], settings: dict[str, str], fix: str) -> None:
     """InputError naming ``path`` when its metadata disagrees with ``settings`` (a subset of SETTINGS_KEYS)."""
     if meta.get("format") != FORMAT:
         raise InputError(f"{path}: not a prompt-embeds cache (format {meta.get('format')!r}); {fix}")
@@ -166,8 +181,10 @@ def stale_variants(
     path = example_dir / layout.prompt_embeds_file(int(settings["encoder"]))
     if overwrite or not path.is_file():
         return prompts
-    meta = read_metadata(path)
-    check_settings(
+    meta = read_metadata_or_none(path, f"compute-prompt-embeds {settings['encoder']}")
+    if meta is None:  # unreadable: embed every variant again
+        return prompts
+    check_cache_settings(
         path,
         meta,
         settings,
@@ -205,28 +222,37 @@ def encode_prompts(
 
 def count_truncated(tokenizer, prompts: list[str], max_length: int) -> int:
     """How many prompts are longer than ``max_length`` tokens (the pipeline cuts them off the same way)."""
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True).input_ids]
-    return sum(n > max_length for n in lengths)
+    # Truncated at max_length + 1: enough to tell, and no "longer than the specified maximum" warning.
+    ids = tokenizer(prompts, add_special_tokens=True, truncation=True, max_length=max_length + 1).input_ids
+    return sum(len(row) > max_length for row in ids)
+
+
+def check_t5_length(tokenizer, max_sequence_length: int, model_name: str) -> None:
+    """Refuse a ``--max-sequence-length`` beyond what the model's T5 tokenizer (``tokenizer_3``) takes."""
+    limit = min(T5_MAX_LENGTH, int(tokenizer.model_max_length))
+    if max_sequence_length > limit:
+        raise InputError(
+            f"--max-sequence-length {max_sequence_length}: {model_name}'s T5 tokenizer takes at most {limit} "
+            f"tokens (tokenizer_3 model_max_length); use {limit} or less"
+        )
 
 
 def _existing_tensors(path: Path, keep: set[str]) -> dict[str, torch.Tensor]:
     """Tensors of the variants in ``keep`` from an existing cache file (to rewrite it with new variants)."""
     from safetensors import safe_open
 
-    if not path.is_file():
+    if not path.is_file() or not keep:
         return {}
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
-            if key.split(".", 1)[0] in keep:
+            if key_variant(key) in keep:
                 tensors[key] = f.get_tensor(key)
     return tensors
 
 
 def compute_prompt_embeds(config: ComputePromptEmbedsConfig) -> dict[str, int]:
     """Embed the new or changed prompts of this process's examples with one text encoder; returns counts."""
-    from sd3_lora_celeba.models.loading import load_text_encoder
-
     encoder = config.encoder_index
     what = f"compute-prompt-embeds {encoder} ({TEXT_ENCODER_NAMES[encoder]})"
     dataset = Path(config.dataset)
@@ -251,6 +277,29 @@ def compute_prompt_embeds(config: ComputePromptEmbedsConfig) -> dict[str, int]:
         "encoder": str(encoder),
         "max_sequence_length": str(CLIP_MAX_LENGTH if encoder < 3 else config.max_sequence_length),
     }
+    with parallel.stage_lock(
+        dataset, f"compute-prompt-embeds-{encoder}", f"{what} {dataset}", processes=True
+    ):
+        written, embedded, truncated = _embed_pending(config, example_dirs, settings, what)
+    max_length = int(settings["max_sequence_length"])
+    if truncated:
+        log.warning(
+            "%s: %d prompt(s) longer than %d tokens were truncated, as StableDiffusion3Pipeline does%s",
+            what,
+            truncated,
+            max_length,
+            "" if encoder < 3 else "; raise --max-sequence-length to keep more of them",
+        )
+    return {"examples": len(example_dirs), "written": written, "embedded": embedded}
+
+
+def _embed_pending(
+    config: ComputePromptEmbedsConfig, example_dirs: list[Path], settings: dict[str, str], what: str
+) -> tuple[int, int, int]:
+    """Embed this process's pending prompts; return (files written, prompts embedded, prompts truncated)."""
+    from sd3_lora_celeba.models.loading import load_text_encoder
+
+    encoder = int(settings["encoder"])
     state = parallel.process_state()
     pending = parallel.pending_for_this_process(
         example_dirs, lambda d: not stale_variants(d, settings), overwrite=config.overwrite, what=what
@@ -261,8 +310,10 @@ def compute_prompt_embeds(config: ComputePromptEmbedsConfig) -> dict[str, int]:
     max_length = int(settings["max_sequence_length"])
     if pending:
         text_encoder, tokenizer = load_text_encoder(
-            encoder, config.model_name, config.model_revision, torch_dtype(config.precision)
+            encoder, config.model_name, config.model_revision, resolve_dtype(config.precision, state.device)
         )
+        if encoder == 3:
+            check_t5_length(tokenizer, config.max_sequence_length, config.model_name)
         text_encoder = text_encoder.to(state.device)
         storage = torch_dtype(config.storage_dtype)
         file_name = layout.prompt_embeds_file(encoder)
@@ -304,14 +355,6 @@ def compute_prompt_embeds(config: ComputePromptEmbedsConfig) -> dict[str, int]:
                     atomic_save_safetensors(d / file_name, tensors, meta)
                     written += 1
                 bar.update(len(group))
-    if truncated:
-        log.warning(
-            "%s: %d prompt(s) longer than %d tokens were truncated, as StableDiffusion3Pipeline does%s",
-            what,
-            truncated,
-            max_length,
-            "" if encoder < 3 else "; raise --max-sequence-length to keep more of them",
-        )
     log.info(
         "%s: process %d of %d wrote %d file(s), %d prompt(s) embedded",
         what,
@@ -320,4 +363,4 @@ def compute_prompt_embeds(config: ComputePromptEmbedsConfig) -> dict[str, int]:
         written,
         embedded,
     )
-    return {"examples": len(example_dirs), "written": written, "embedded": embedded}
+    return written, embedded, truncated
