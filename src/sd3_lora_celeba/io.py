@@ -12,6 +12,7 @@ host, created atomically, and taken over only when its holder is provably gone (
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -162,3 +163,18 @@ def output_lock(folder: Path | str, what: str) -> Iterator[Path]:
                 lock.unlink()
         return
     raise LockedError(f"{folder}: could not take {lock}; delete it if no other run is using this folder")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file, memoised per (path, size, mtime): large weights are hashed once per process."""
+    st = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.evaluate import fid as F
 
@@ -26,9 +26,11 @@ class FidConfig:
     real: Path = argument("Ground-truth image folder, or a .npz statistics file (pytorch-fid's or ours).")
     gen: Path = argument("Generated image folder, or a .npz statistics file.")
     dims: int = option(2048, "Inception feature size (pytorch-fid's --dims): 64, 192, 768 or 2048.")
-    batch_size: int = option(50, "Images per Inception forward pass (pytorch-fid's default 50).")
+    batch_size: int | None = option(
+        None, "Images per Inception forward pass; default 50 (pytorch-fid's) on a CPU, 200 on CUDA.", min=1
+    )
     num_workers: int | None = option(
-        None, "DataLoader worker processes; default min(8, CPUs) like pytorch-fid."
+        None, "DataLoader worker processes (decode and resize); default min(8, CPUs) like pytorch-fid.", min=0
     )
     device: str | None = option(None, "Torch device, e.g. cpu, cuda, cuda:1; default cuda if available.")
     inception_weights: Path | None = option(
@@ -38,19 +40,14 @@ class FidConfig:
     )
     cache: bool = option(True, "Read and write each folder's fid_stats.npz statistics cache.")
     kid: bool = option(False, "Also compute KID (polynomial kernel) from the same features.")
-    kid_subsets: int = option(100, "KID: number of random subsets.")
-    kid_subset_size: int = option(1000, "KID: images per subset (capped at the smaller set size).")
+    kid_subsets: int = option(100, "KID: number of random subsets.", min=1, max=100_000)
+    kid_subset_size: int = option(1000, "KID: images per subset (capped at the smaller set size).", min=2)
     seed: int = option(0, "KID: seed of the subset sampling.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.dims not in F.DIMS:
             raise ValueError(f"--dims {self.dims}: use one of {', '.join(map(str, F.DIMS))}")
-        if self.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError("--num-workers must be 0 or more")
-        if self.kid_subsets < 1 or self.kid_subset_size < 2:
-            raise ValueError("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
 
 
 def fid(config: FidConfig) -> dict[str, Any]:
@@ -70,6 +67,11 @@ def fid(config: FidConfig) -> dict[str, Any]:
         )
         for p in paths
     ]
+    F.warn_if_few_images(
+        {str(p): s.count for p, s in zip(paths, stats, strict=True)},
+        stats[0].mu.shape[0],
+        "FID/KID" if config.kid else "FID",
+    )
     result: dict[str, Any] = {"fid": F.frechet_distance(*stats)}
     click.echo(f"FID: {result['fid']!r}")
     if config.kid:
