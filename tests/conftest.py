@@ -24,3 +24,75 @@ def pytest_collection_modifyitems(config, items):
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if "gpu" not in item.keywords]
+
+
+# --- shared fixtures (built on sd3_lora_celeba.testing) ----------------------------------------------------
+# Directory conftests may define fixtures of the same name; pytest uses the nearest one.
+
+import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from click.testing import CliRunner, Result  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A saved tiny SD3 pipeline folder, built once per session (the same folder the encode tests reuse)."""
+    from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.getbasetemp() / "tiny-sd3")
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., Result]:
+    """``run_cli(*args, env=None)``: run ``sd3 --quiet --logging-style plain ARGS...`` in-process with click's
+    CliRunner and return its result (``exit_code``, ``output`` = stdout + stderr, ``exception``)."""
+    from sd3_lora_celeba.cli import cli
+
+    def run(*args: object, env: dict[str, str] | None = None) -> Result:
+        return CliRunner().invoke(cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env=env)
+
+    return run
+
+
+def write_example_folder(
+    split_dir: Path, example_id: str, seed: int = 0, size: tuple[int, int] = (64, 64), captions: bool = True
+) -> Path:
+    """One example folder as ``prepare-celeba-hq`` writes it: a seeded random JPEG, ``example.json`` with the
+    40 attributes, and (``captions``) distinct BLIP-2 and Llama 3 captions of realistic length."""
+    import numpy as np
+    from PIL import Image
+
+    from sd3_lora_celeba import layout
+
+    folder = Path(split_dir) / example_id
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / layout.IMAGE, quality=95)
+    attributes = {name: bool(rng.random() < 0.3) for name in layout.ATTRIBUTES}
+    record = {
+        "id": example_id,
+        "source": "celeba-hq",
+        "split": Path(split_dir).name,
+        "attributes": attributes,
+    }
+    (folder / layout.EXAMPLE_RECORD).write_text(json.dumps(record), encoding="utf-8")
+    if captions:
+        hair = "red" if seed % 2 else "blue"
+        texts = {
+            "blip2": f"a close up photo of a young person number {seed} with {hair} hair, smiling at the camera",
+            "llama3": f"A close-up portrait of subject {seed}, a young adult with {hair} hair and a warm smile, "
+            "photographed against a plain background in soft natural light.",
+        }
+        for variant, text in texts.items():
+            (folder / layout.prompt_file(variant)).write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def write_example() -> Callable[..., Path]:
+    """``write_example(split_dir, example_id, seed=0, size=(64, 64), captions=True) -> folder``."""
+    return write_example_folder

@@ -235,13 +235,17 @@ def _hub_error_message(
             f"{target}: the hub cannot be reached and the model is not in the local cache; check the network, "
             f"or download it with {download} where there is one, {local}"
         )
-    if has(hub.EntryNotFoundError):
-        return (
-            f"{target}: a file the loader needs is missing ({_first_line(has(hub.EntryNotFoundError))}); check "
-            f"that this is the right model for {what} {local}"
+    missing = has(hub.EntryNotFoundError)
+    if missing is not None:
+        url = str(getattr(getattr(missing, "response", None), "url", "") or "")
+        name = (
+            url.split("/resolve/", 1)[-1].split("/", 1)[-1] if "/resolve/" in url else "file the loader needs"
         )
+        return f"{target}: the hub copy has no {name}, so it is not a model for {what}; check the id {local}"
     # transformers and diffusers re-raise hub failures as plain OSErrors with a sentence; recognise those.
-    plain = next((e for e in chain if type(e) in (OSError, EnvironmentError) and e.errno is None), None)
+    plain = next(
+        (e for e in chain if (type(e) is OSError and e.errno is None) or type(e) is ValueError), None
+    )
     if plain is not None and _is_loading_sentence(str(plain)):
         return (
             f"{target}: cannot be loaded ({_first_line(plain)}); check {flag}, or download it with {download}"
@@ -266,6 +270,7 @@ _LOADING_SENTENCES = (
     "is not a valid model identifier",
     "couldn't find",
     "not a valid git identifier",
+    "couldn't instantiate the backend tokenizer",
 )
 
 
