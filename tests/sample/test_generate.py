@@ -88,3 +88,198 @@ def test_lora_changes_images_and_bad_lora_is_one_line_error(world, tmp_path, cli
         "generate-images", world.split, tmp_path / "y", "--lora-weight-dir", tmp_path, env=world.env
     )
     assert missing.exit_code == 2 and layout.LORA_WEIGHTS in missing.output
+
+
+def _same(a_dir, b_dir, name) -> bool:
+    return np.abs(_pixels(a_dir, name) - _pixels(b_dir, name)).max() <= 1
+
+
+def test_killed_overwrite_never_leaves_a_mix_and_settings_gate_resume(world, tmp_path, cli_run, monkeypatch):
+    out, ref = tmp_path / "out", tmp_path / "ref-seed1"
+    assert cli_run("generate-images", world.split, out, *FAST, "--seed", 0, env=world.env).exit_code == 0
+    assert cli_run("generate-images", world.split, ref, *FAST, "--seed", 1, env=world.env).exit_code == 0
+    old = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert len(old) == len(list(world.split.iterdir()))
+    # --overwrite with another seed, "killed" (a write fails) after two images.
+    real_save, calls = Image.Image.save, []
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    killed = cli_run(
+        "generate-images",
+        world.split,
+        out,
+        *FAST,
+        "--seed",
+        1,
+        "--overwrite",
+        "--batch-size",
+        2,
+        env=world.env,
+    )
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert killed.exit_code != 0
+    left = sorted(p.name for p in out.glob("*.png"))
+    assert left, "the images written before the kill are kept"
+    for name in left:  # only new images: none of seed 0 is left beside them
+        assert (out / name).read_bytes() != old[name] and _same(out, ref, name)
+    assert json.loads((out / layout.GENERATION_SETTINGS).read_text())["seed"] == 1
+    # The old settings are refused in one line; the new ones resume to a complete folder.
+    refused = cli_run("generate-images", world.split, out, *FAST, "--seed", 0, env=world.env)
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "seed" in refused.output
+    resumed = cli_run("generate-images", world.split, out, *FAST, "--seed", 1, env=world.env)
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(old)
+    assert all(_same(out, ref, name) for name in old)
+
+
+def test_images_without_a_settings_record_are_not_counted_as_done(world, tmp_path, cli_run):
+    out = tmp_path / "out"
+    assert (
+        cli_run("generate-images", world.split, out, *FAST, "--num-images", 2, env=world.env).exit_code == 0
+    )
+    (out / layout.GENERATION_SETTINGS).unlink()  # e.g. a kill inside --overwrite, after the record went
+    r = cli_run("generate-images", world.split, out, *FAST, "--num-images", 2, env=world.env)
+    assert r.exit_code == 2 and layout.GENERATION_SETTINGS in r.output and "--overwrite" in r.output
+    r = cli_run("generate-images", world.split, out, *FAST, "--num-images", 2, "--overwrite", env=world.env)
+    assert r.exit_code == 0, r.output
+    assert (out / layout.GENERATION_SETTINGS).is_file()
+
+
+def test_bad_values_and_files_are_one_line_errors_before_any_write(world, tmp_path, cli_run):
+    corrupt = tmp_path / "corrupt-lora"
+    corrupt.mkdir()
+    (corrupt / layout.LORA_WEIGHTS).write_bytes(np.random.default_rng(0).bytes(4096))
+    cases = {
+        "lora": (["--lora-weight-dir", corrupt], layout.LORA_WEIGHTS),
+        "height": (["--height", 1600], "--height 1600"),
+        "odd-width": (["--width", 72], "--width"),
+        "negative-guidance": (["--guidance-scale", -1], "--guidance-scale"),
+        "nan-guidance": (["--guidance-scale", "nan"], "--guidance-scale"),
+        "device": (["--device", "cuda"], "--device"),
+        "skip-block": (["--skip-guidance-layers", "3,24"], "--skip-guidance-layers 24"),
+        "skip-without-cfg": (["--skip-guidance-layers", 3, "--guidance-scale", 1], "--guidance-scale"),
+        "skip-window": (
+            [
+                "--skip-guidance-layers",
+                3,
+                "--skip-layer-guidance-start",
+                0.5,
+                "--skip-layer-guidance-stop",
+                0.2,
+            ],
+            "--skip-layer-guidance-start",
+        ),
+    }
+    if torch.cuda.is_available():
+        del cases["device"]
+    for label, (args, named) in cases.items():
+        out = tmp_path / label
+        r = cli_run("generate-images", world.split, out, *FAST, *args, env=world.env)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and named in lines[0], (label, r.output)
+        assert not out.exists() or not any(out.iterdir()), label  # nothing written
+
+
+def test_skip_layer_guidance_changes_images_and_is_recorded(world, tmp_path, cli_run):
+    plain, slg = tmp_path / "plain", tmp_path / "slg"
+    args = ["--num-inference-steps", 3, "--num-images", 2]
+    # Steps 1 and 2 of 3 take the extra pass; a strong scale makes the tiny random model show it.
+    window = [
+        "--skip-layer-guidance-start",
+        0,
+        "--skip-layer-guidance-stop",
+        1,
+        "--skip-layer-guidance-scale",
+        10,
+    ]
+    assert cli_run("generate-images", world.split, plain, *args, env=world.env).exit_code == 0
+    r = cli_run(
+        "generate-images", world.split, slg, *args, "--skip-guidance-layers", "7,8,9", *window, env=world.env
+    )
+    assert r.exit_code == 0, r.output
+    assert np.abs(_pixels(plain, "hq-00000.png") - _pixels(slg, "hq-00000.png")).max() > 3  # beyond rounding
+    settings = json.loads((slg / layout.GENERATION_SETTINGS).read_text())
+    assert settings["skip_guidance_layers"] == [7, 8, 9] and settings["skip_layer_guidance_stop"] == 1
+    assert "skip_guidance_layers" not in json.loads((plain / layout.GENERATION_SETTINGS).read_text())
+    # Another skip set into the same folder is another setting.
+    r = cli_run(
+        "generate-images", world.split, slg, *args, "--skip-guidance-layers", "7", *window, env=world.env
+    )
+    assert r.exit_code == 2 and "skip_guidance_layers" in r.output
+
+
+def _stock_images(world, lora_dir, n=2, steps=2, seed=0):
+    """The same images with stock diffusers: StableDiffusion3Pipeline, unfused LoRA, the same cached inputs."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sd3_lora_celeba.data.cached import load_joined_prompt_embeds
+    from sd3_lora_celeba.sample.generate import find_empty_prompt_dir, select_examples
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(world.model), text_encoder=None, text_encoder_2=None, text_encoder_3=None,
+        tokenizer=None, tokenizer_2=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir), weight_name=layout.LORA_WEIGHTS)
+    empty = find_empty_prompt_dir(world.split)
+    examples = select_examples(world.split, empty, n)
+    neg, neg_pooled = load_joined_prompt_embeds(empty, "empty")
+    pairs = [load_joined_prompt_embeds(d, "blip2") for d in examples]
+    size = pipe.transformer.config.sample_size
+    latents = initial_latents([d.name for d in examples], seed, (16, size, size))
+    with torch.inference_mode():
+        images = pipe(
+            prompt_embeds=torch.stack([p for p, _ in pairs]),
+            pooled_prompt_embeds=torch.stack([q for _, q in pairs]),
+            negative_prompt_embeds=neg.expand(n, -1, -1),
+            negative_pooled_prompt_embeds=neg_pooled.expand(n, -1),
+            latents=latents,
+            num_inference_steps=steps,
+            output_type="np",
+        ).images
+    return {f"{d.name}.png": np.round(img * 255).astype(int) for d, img in zip(examples, images, strict=True)}
+
+
+def test_fused_lora_and_fused_qkv_give_the_stock_pipelines_images(world, tmp_path, cli_run, monkeypatch):
+    from sd3_lora_celeba.sample import generate as G
+
+    stock = _stock_images(world, world.lora)
+    out = tmp_path / "ours"
+    r = cli_run(
+        "generate-images",
+        world.split,
+        out,
+        *FAST,
+        "--num-images",
+        2,
+        "--lora-weight-dir",
+        world.lora,
+        env=world.env,
+    )
+    assert r.exit_code == 0, r.output
+    for name, expected in stock.items():
+        assert np.abs(_pixels(out, name) - expected).max() <= 1
+    # The CUDA-only fused q/k/v path, forced on the CPU, and back to the base model on a reused pipeline.
+    monkeypatch.setattr(G, "qkv_fusion_applies", lambda transformer: True)
+    pipe = G.load_generation_pipeline(str(world.model), lora_weight_dir=world.lora, fuse_qkv=True)
+    assert getattr(pipe, "_sd3_fused_qkv", False) and getattr(pipe, "_sd3_lora_fused", False)
+    empty = G.find_empty_prompt_dir(world.split)
+    examples = G.select_examples(world.split, empty, 2)
+    kwargs = dict(
+        empty_prompt_dir=empty, prompt_variant="blip2", num_inference_steps=2, guidance_scale=7.0, seed=0
+    )
+    G.generate_into(pipe, examples, tmp_path / "fused", **kwargs)
+    for name, expected in stock.items():
+        assert np.abs(_pixels(tmp_path / "fused", name) - expected).max() <= 1
+    G.swap_lora(pipe, None)
+    G.generate_into(pipe, examples, tmp_path / "base", **kwargs)
+    for name, expected in _stock_images(world, None).items():
+        assert np.abs(_pixels(tmp_path / "base", name) - expected).max() <= 1

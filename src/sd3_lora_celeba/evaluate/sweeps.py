@@ -209,6 +209,7 @@ class _Sweep:
             dtype=self.dtype,
             device=self.device,
             compile=config.compile,
+            fuse_qkv=True,  # LoRA changes go through G.swap_lora
         )
         G.check_model_limits(self.pipe, config.height, config.width, config.skip_guidance_layers)
 

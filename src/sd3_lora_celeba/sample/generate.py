@@ -358,8 +358,12 @@ def load_generation_pipeline(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     compile: bool = False,
+    fuse_qkv: bool = False,
 ):
-    """Text-encoder-free SD3 pipeline on ``device``, LoRA fused, progress bar off, ready for :func:`generate_into`."""
+    """Text-encoder-free SD3 pipeline on ``device``, LoRA fused, progress bar off, ready for :func:`generate_into`.
+
+    ``fuse_qkv``: fused q/k/v projections on CUDA; a caller that changes the LoRA later must then do it with
+    :func:`swap_lora` (a LoRA loaded directly would not reach the fused copies)."""
     from sd3_lora_celeba.models.loading import load_pipeline_without_text_encoders
 
     if lora_weight_dir is not None:
@@ -367,22 +371,28 @@ def load_generation_pipeline(
     pipe = load_pipeline_without_text_encoders(model_name, revision=revision, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    if lora_weight_dir is not None:
-        swap_lora(pipe, lora_weight_dir)
-    else:
-        _fuse_qkv(pipe)
+    pipe._sd3_qkv_wanted = fuse_qkv
+    swap_lora(pipe, lora_weight_dir)
     if compile:
         compile_transformer(pipe.transformer)
     return pipe
 
 
+def qkv_fusion_applies(transformer) -> bool:
+    """Fused q/k/v where it is exact and pays: CUDA, plain SD3 blocks (diffusers' fused SD3 processor has no
+    q/k norms and no second attention, so SD3.5 keeps the separate projections)."""
+    config = transformer.config
+    return (
+        transformer.device.type == "cuda"
+        and not getattr(config, "dual_attention_layers", ())
+        and getattr(config, "qk_norm", None) is None
+    )
+
+
 def _fuse_qkv(pipe) -> None:
-    """Fused q/k/v projections on CUDA for the joint-attention-only SD3 blocks (diffusers' SD3 support)."""
-    transformer = pipe.transformer
-    if transformer.device.type != "cuda" or getattr(transformer.config, "dual_attention_layers", ()):
-        return
-    transformer.fuse_qkv_projections()
-    pipe._sd3_fused_qkv = True
+    if getattr(pipe, "_sd3_qkv_wanted", False) and qkv_fusion_applies(pipe.transformer):
+        pipe.transformer.fuse_qkv_projections()
+        pipe._sd3_fused_qkv = True
 
 
 def _unfuse_qkv(pipe) -> None:
@@ -655,6 +665,7 @@ def generate_images(config: GenerateImagesConfig) -> dict[str, Any]:
         dtype=dtype,
         device=device,
         compile=config.compile,
+        fuse_qkv=True,
     )
     check_model_limits(pipe, config.height, config.width, config.skip_guidance_layers)
     state = parallel.process_state()
