@@ -272,3 +272,52 @@ def test_hq_overwrite_with_a_new_split_removes_celeba_extras(releases, hq_datase
     assert run_cli("prepare-celeba-hq", hq.root, dst, "--overwrite", "--random-seed", 7).exit_code == 0
     assert not list(dst.glob("*/celeba-*"))
     assert "celeba" not in json.loads((dst / DATASET_INFO).read_text())
+
+
+def _last_kept_file(celeba) -> str:
+    return [f for f in celeba.files if f not in celeba.hq_sources and min(celeba.sizes[f]) >= MIN_SIZE][-1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_last_image_stops_the_run_before_anything_is_written(
+    releases, release_copy, hq_dataset, run_cli, snapshot, error_line, workers
+):
+    _, celeba = releases
+    hq_root, celeba_root = release_copy
+    path = celeba_root / CELEBA_IMAGES / _last_kept_file(celeba)
+    path.write_bytes(path.read_bytes()[:300])  # the last image the workers would reach
+    before = snapshot(hq_dataset)
+    args = ("--min-image-size", MIN_SIZE, "--num-workers", workers)
+    line = error_line(run_cli("prepare-celeba", celeba_root, hq_root, hq_dataset, *args))
+    assert str(path) in line and ("cannot read image" in line or "cannot decode image" in line)
+    assert snapshot(hq_dataset) == before  # no crop, and dataset.json untouched
+
+
+def test_face_box_outside_the_image_is_refused_with_file_and_line(
+    releases, release_copy, hq_dataset, run_cli, snapshot, error_line
+):
+    _, celeba = releases
+    hq_root, celeba_root = release_copy
+    name = _last_kept_file(celeba)
+    bbox_path = celeba_root / CELEBA_BBOX
+    lineno = next(i for i, line in enumerate(bbox_path.read_text().splitlines(), 1) if line.startswith(name))
+    width, height = celeba.sizes[name]
+    rewrite_line(bbox_path, lineno, f"{name} {width + 10} 5 20 20")  # right of the image
+    before = snapshot(hq_dataset)
+    line = error_line(
+        run_cli("prepare-celeba", celeba_root, hq_root, hq_dataset, "--min-image-size", MIN_SIZE)
+    )
+    assert f"{bbox_path}:{lineno}: the face box" in line and "outside" in line
+    assert snapshot(hq_dataset) == before
+
+
+def test_empty_release_is_refused(release_copy, hq_dataset, run_cli, snapshot, error_line):
+    hq_root, celeba_root = release_copy
+    for relpath in (CELEBA_ATTRIBUTES, "Anno/list_bbox_celeba.txt"):
+        path = celeba_root / relpath
+        lines = path.read_text().splitlines()
+        path.write_text(f"0\n{lines[1]}\n")
+    before = snapshot(hq_dataset)
+    line = error_line(run_cli("prepare-celeba", celeba_root, hq_root, hq_dataset))
+    assert f"{celeba_root / CELEBA_ATTRIBUTES}: lists no images" in line
+    assert snapshot(hq_dataset) == before

@@ -214,3 +214,99 @@ def test_corrupt_image_fails_without_a_half_example(release_copy, tmp_path, run_
     assert run_cli("prepare-celeba-hq", hq_root, dst).exit_code == 0
     assert len(list(dst.glob(f"*/*/{EXAMPLE_RECORD}"))) == 40
     assert set(SPLITS) == {p.name for p in dst.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def _splits_of(dst: Path) -> dict[str, list[str]]:
+    """Example id -> the split folders holding a folder of that id (finished or not)."""
+    found: dict[str, list[str]] = {}
+    for split in SPLITS:
+        for child in sorted((dst / split).iterdir()) if (dst / split).is_dir() else []:
+            found.setdefault(child.name, []).append(split)
+    return found
+
+
+@pytest.mark.parametrize("kill_after", [0, 7, 25])
+def test_overwrite_with_a_new_split_killed_then_rerun_never_mixes_splits(
+    releases, tmp_path, monkeypatch, kill_after
+):
+    hq, _ = releases
+    dst = tmp_path / "dataset"
+    prepare_celeba_hq(PrepareCelebAHQConfig(src=hq.root, dst=dst))
+    (sorted(dst.glob("train/hq-*"))[0] / "prompt_blip2.txt").write_text("a caption")
+    real_write = prepare_hq.write_example_record
+    calls = {"n": 0}
+
+    def write_then_die(folder, record):
+        if calls["n"] == kill_after:
+            raise KeyboardInterrupt  # killed part-way through the --overwrite run
+        calls["n"] += 1
+        real_write(folder, record)
+
+    monkeypatch.setattr(prepare_hq, "write_example_record", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_celeba_hq(PrepareCelebAHQConfig(src=hq.root, dst=dst, random_seed=7, overwrite=True))
+    # Even right after the kill, no id is in two split folders.
+    assert all(len(s) == 1 for s in _splits_of(dst).values()), _splits_of(dst)
+
+    monkeypatch.setattr(prepare_hq, "write_example_record", real_write)
+    prepare_celeba_hq(PrepareCelebAHQConfig(src=hq.root, dst=dst, random_seed=7))  # without --overwrite
+    fresh = tmp_path / "fresh"
+    prepare_celeba_hq(PrepareCelebAHQConfig(src=hq.root, dst=fresh, random_seed=7))
+    assert _splits_of(dst) == _splits_of(fresh)  # one folder per image, each where seed 7 puts it
+    assert {k: r["split"] for k, r in records(dst).items()} == {
+        k: r["split"] for k, r in records(fresh).items()
+    }
+    assert len(list(dst.glob("*/*/prompt_blip2.txt"))) == 1  # the caption moved with its example
+
+
+def test_corrupt_image_stops_the_run_before_anything_is_written(
+    release_copy, hq_dataset, run_cli, snapshot, error_line
+):
+    hq_root, _ = release_copy
+    last = sorted((hq_root / HQ_IMAGES).iterdir(), key=lambda p: int(p.stem))[-1]
+    last.write_bytes(last.read_bytes()[:200])  # the last image the write loop would reach
+    fresh = hq_root.parent / "fresh"
+    line = error_line(run_cli("prepare-celeba-hq", hq_root, fresh))
+    assert str(last) in line and "cannot decode image" in line
+    assert not fresh.exists()  # not even dataset.json
+    before = snapshot(hq_dataset)
+    error_line(run_cli("prepare-celeba-hq", hq_root, hq_dataset, "--overwrite", "--random-seed", 3))
+    assert snapshot(hq_dataset) == before
+
+
+def test_16_bit_png_named_jpg_is_converted_not_clipped_to_white(release_copy, tmp_path, run_cli):
+    import numpy as np
+    from PIL import Image
+
+    hq_root, _ = release_copy
+    path = hq_root / HQ_IMAGES / "3.jpg"
+    gray16 = np.full((64, 64), 128 * 256, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(gray16).save(path, format="PNG")
+    dst = tmp_path / "dataset"
+    assert run_cli("prepare-celeba-hq", hq_root, dst).exit_code == 0
+    (stored,) = dst.glob(f"*/hq-00003/{IMAGE}")
+    with Image.open(stored) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
+        pixels = np.asarray(image, dtype=np.float64)
+    assert abs(pixels.mean() - 128) < 3  # not 255 (Pillow's convert("RGB") clips 16-bit values)
+
+
+def test_empty_release_is_refused(release_copy, tmp_path, run_cli, error_line):
+    hq_root, _ = release_copy
+    path = hq_root / HQ_ATTRIBUTES
+    header = path.read_text().splitlines()[1]
+    path.write_text(f"0\n{header}\n")
+    line = error_line(run_cli("prepare-celeba-hq", hq_root, tmp_path / "dataset"))
+    assert f"{path}: lists no images" in line
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_attribute_table_is_printed_once(releases, tmp_path):
+    from click.testing import CliRunner
+
+    from sd3_lora_celeba.cli import cli
+
+    hq, _ = releases
+    result = CliRunner().invoke(cli, ["prepare-celeba-hq", str(hq.root), str(tmp_path / "d")])  # not --quiet
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Arched_Eyebrows") == 1, result.output

@@ -181,6 +181,11 @@ def read_bbox_file(path: Path) -> dict[str, tuple[int, int, int, int]]:
     return boxes
 
 
+def bbox_line_number(path: Path, file_name: str) -> int | None:
+    """1-based line of ``file_name``'s row in ``list_bbox_celeba.txt`` (for an error message), or None."""
+    return next((lineno for lineno, fields in _lines(Path(path)) if fields[0] == file_name), None)
+
+
 def read_identity_file(path: Path) -> dict[str, int]:
     """Read ``identity_CelebA.txt``: file name -> identity number."""
     path = Path(path)

@@ -7,14 +7,16 @@ Run after ``prepare-celeba-hq``. Of the 202,599 in-the-wild CelebA images it dro
 * images whose short side is below ``--min-image-size`` (checked from the file header, without decoding),
 
 and saves the rest as square crops of side ``min(W, H)`` centred on the face box (``crop.square_crop_box``)
-to ``DST/train/celeba-<file stem>/``. Work is spread over ``--num-workers`` processes; each worker writes
+to ``DST/train/celeba-<file stem>/``. Work is spread over ``--num-workers`` processes in two passes: first
+every candidate image is checked (decoded at reduced scale; its face box must have its centre inside the
+image), so a corrupt image or a bad box stops the run before anything is written; then each worker writes
 ``image.jpg`` then ``example.json`` atomically, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -25,13 +27,14 @@ from tqdm.auto import tqdm
 
 from sd3_lora_celeba.config import argument, option
 from sd3_lora_celeba.data.celeba_files import (
+    bbox_line_number,
     read_attribute_file,
     read_bbox_file,
     read_hq_mapping,
     read_identity_file,
     require_rows,
 )
-from sd3_lora_celeba.data.crop import crop_face, image_size, is_large_enough
+from sd3_lora_celeba.data.crop import bbox_inside, check_image_bytes, crop_face, image_size, is_large_enough
 from sd3_lora_celeba.data.records import (
     SOURCE_CELEBA,
     celeba_example_id,
@@ -59,6 +62,7 @@ from sd3_lora_celeba.layout import (
     IMAGE,
     SPLITS,
 )
+from sd3_lora_celeba.parallel import stage_lock
 
 log = logging.getLogger(__name__)
 TRAIN = SPLITS[0]
@@ -131,17 +135,34 @@ def process_image(task: CropTask) -> tuple[str, str]:
         return "error", exc.message
 
 
-def _run_tasks(tasks: list[CropTask], num_workers: int) -> Iterator[tuple[str, str]]:
-    """Results of ``process_image`` over ``tasks`` in order, in-process or over a process pool."""
+def check_task(task: CropTask) -> tuple[str, str]:
+    """Check one image without writing: ``("ok" | "rejected" | "error" | "bbox", error message or "WxH")``."""
+    try:
+        width, height = image_size(task.image_path)
+        if not is_large_enough(width, height, task.min_image_size):
+            return "rejected", ""
+        check_image_bytes(task.image_path, task.image_path.read_bytes())
+        if not bbox_inside(width, height, task.bbox):
+            return "bbox", f"{width}x{height}"
+        return "ok", ""
+    except InputError as exc:
+        return "error", exc.message
+
+
+def _run_tasks(
+    tasks: list[CropTask], num_workers: int, fn: Callable[[CropTask], tuple[str, str]] | None = None
+) -> Iterator[tuple[str, str]]:
+    """Results of ``fn`` (default ``process_image``) over ``tasks`` in order, in-process or over a pool."""
+    fn = fn or process_image
     if num_workers == 1 or len(tasks) < 2:
-        yield from map(process_image, tasks)
+        yield from map(fn, tasks)
         return
     chunksize = max(1, min(64, len(tasks) // (num_workers * 8)))
     batch = 256 * num_workers * chunksize  # bounds the futures alive at once, for 200k-image runs
     executor = ProcessPoolExecutor(max_workers=num_workers)
     try:
         for start in range(0, len(tasks), batch):
-            yield from executor.map(process_image, tasks[start : start + batch], chunksize=chunksize)
+            yield from executor.map(fn, tasks[start : start + batch], chunksize=chunksize)
     finally:
         # On an error (or Ctrl-C) drop the queued work instead of finishing 200k images first.
         executor.shutdown(wait=True, cancel_futures=True)
@@ -180,6 +201,8 @@ def prepare_celeba(config: PrepareCelebAConfig) -> dict[str, Any]:
         celeba / CELEBA_IDENTITY,
     )
     table = read_attribute_file(attr_path)
+    if len(table) == 0:
+        raise InputError(f"{attr_path}: lists no images; the release is empty or its download incomplete")
     bboxes = read_bbox_file(bbox_path)
     identities = read_identity_file(identity_path)
     require_rows(bbox_path, bboxes, list(table.files), attr_path)
@@ -227,12 +250,6 @@ def prepare_celeba(config: PrepareCelebAConfig) -> dict[str, Any]:
             f"{missing}: image not found, but {attr_path.name} lists it; the release is incomplete"
         )
 
-    # Everything is validated: from here on we write.
-    info["celeba"] = {"options": options, "complete": False}
-    write_dataset_info(dst, info)
-    if (dst / TRAIN).is_dir():
-        remove_stale_temp_files(dst / TRAIN)
-
     tasks: list[CropTask] = []
     kept_ids: set[str] = set()
     already = 0
@@ -257,6 +274,58 @@ def prepare_celeba(config: PrepareCelebAConfig) -> dict[str, Any]:
             )
         )
 
+    _check_tasks(tasks, config.num_workers, bbox_path)
+
+    # Everything is validated: from here on we write, holding the dataset's lock.
+    with stage_lock(dst, "prepare", f"prepare-celeba {dst}"):
+        if read_dataset_info(dst) != info:
+            raise InputError(f"{dst / DATASET_INFO}: changed by another run meanwhile; run again")
+        info["celeba"] = {"options": options, "complete": False}
+        write_dataset_info(dst, info)
+        if (dst / TRAIN).is_dir():
+            remove_stale_temp_files(dst / TRAIN)
+        summary = _write_crops(config, tasks, kept_ids, already)
+        summary["dropped_hq_sources"] = dropped_sources
+        summary["dropped_val_test_identities"] = dropped_identities
+        info["celeba"] = {"options": options, "complete": True, **summary}
+        write_dataset_info(dst, info)
+    log.info(
+        "%s: %d CelebA crops in train (%d new); rejected %d below %d px; dropped %d CelebA-HQ sources and %d "
+        "images of val/test identities",
+        dst / TRAIN,
+        summary["kept"],
+        summary["newly_kept"],
+        summary["rejected_small"],
+        config.min_image_size,
+        dropped_sources,
+        dropped_identities,
+    )
+    return summary
+
+
+def _check_tasks(tasks: list[CropTask], num_workers: int, bbox_path: Path) -> None:
+    """Check every image of ``tasks`` (pass 1, nothing written); InputError naming the first bad one."""
+    with (
+        tqdm(total=len(tasks), desc="checking images", unit="image", disable=None if tasks else True) as bar,
+        closing(_run_tasks(tasks, num_workers, check_task)) as results,
+    ):
+        for task, (status, message) in zip(tasks, results, strict=True):
+            if status == "error":
+                raise InputError(message)
+            if status == "bbox":
+                lineno = bbox_line_number(bbox_path, task.celeba_file)
+                raise InputError(
+                    f"{bbox_path}:{lineno}: the face box {task.bbox} of {task.celeba_file} lies outside its "
+                    f"{message} image (its centre must be inside); fix the row or re-download the file"
+                )
+            bar.update()
+
+
+def _write_crops(
+    config: PrepareCelebAConfig, tasks: list[CropTask], kept_ids: set[str], already: int
+) -> dict:
+    """Crop and save the checked ``tasks`` (pass 2); return the counts of the summary."""
+    dst = Path(config.dst)
     counts = {"kept": 0, "rejected": 0}
     # closing(): on an error the generator's finally (pool shutdown) runs now, not at garbage collection.
     with (
@@ -282,24 +351,8 @@ def prepare_celeba(config: PrepareCelebAConfig) -> dict[str, Any]:
             log.info("removing %d CelebA examples that these options no longer keep", len(stale))
             remove_examples(dst, stale)
 
-    summary = {
+    return {
         "kept": counts["kept"] + already,
         "newly_kept": counts["kept"],
         "rejected_small": counts["rejected"],
-        "dropped_hq_sources": dropped_sources,
-        "dropped_val_test_identities": dropped_identities,
     }
-    info["celeba"] = {"options": options, "complete": True, **summary}
-    write_dataset_info(dst, info)
-    log.info(
-        "%s: %d CelebA crops in train (%d new); rejected %d below %d px; dropped %d CelebA-HQ sources and %d "
-        "images of val/test identities",
-        dst / TRAIN,
-        summary["kept"],
-        summary["newly_kept"],
-        summary["rejected_small"],
-        config.min_image_size,
-        dropped_sources,
-        dropped_identities,
-    )
-    return summary
