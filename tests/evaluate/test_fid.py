@@ -163,3 +163,57 @@ def test_copy_images_refuses_duplicate_ids(world, tmp_path, cli_run):
     shutil.copytree(world.split / "hq-00000", root / "val" / "hq-00000")
     result = cli_run("copy-images", root, tmp_path / "out")
     assert result.exit_code == 2 and "hq-00000" in result.output
+
+
+def test_statistics_equal_pytorch_fid_functions_on_the_same_images(world, tmp_path):
+    from pytorch_fid.fid_score import calculate_activation_statistics
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(7):  # not 299 px, so both resize; JPEG and PNG as a user's folder may hold
+        img = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+        img.save(folder / f"{i}.{'jpg' if i % 2 else 'png'}", quality=90)
+    files = F.list_images(folder)
+    inception = F.load_inception(64, world.inception_weights, "cpu")
+    mu, sigma = calculate_activation_statistics(
+        [str(f) for f in files], inception.model, batch_size=3, dims=64, device="cpu", num_workers=0
+    )
+    for workers in (0, 1):
+        ours = F.FidStats.from_features(F.image_features(files, inception, batch_size=3, num_workers=workers))
+        assert np.abs(ours.mu - mu).max() < 1e-6 and np.abs(ours.sigma - sigma).max() < 1e-6
+        assert ours.count == 7
+
+
+def test_unreadable_or_odd_images_and_small_sets_are_the_projects_one_line(world, tmp_path, cli_run):
+    good = _images(tmp_path / "good", 4, seed=0)
+    bad = _images(tmp_path / "bad", 4, seed=1)
+    jpeg = bad / "img-002.jpg"
+    Image.open(bad / "img-002.png").save(jpeg, quality=90)
+    (bad / "img-002.png").unlink()
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])  # truncated
+    args = ["--dims", 64, "--num-workers", 0, "--inception-weights", world.inception_weights]
+    r = cli_run("fid", good, bad, *args)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "img-002.jpg" in lines[0], r.output
+    # Two sizes in one folder: named, one line.
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(bad / "img-002.png")
+    jpeg.unlink()
+    r = cli_run("fid", good, bad, *args)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "img-002.png" in r.output
+    # Fewer images than feature dimensions: the project's warning, not pytorch-fid's singular-matrix print.
+    (bad / "img-002.png").unlink()
+    r = cli_run("fid", good, bad, *args)
+    assert r.exit_code == 0, r.output
+    assert "not reliable" in r.output and "singular product" not in r.output
+    assert sum("not reliable" in line for line in r.output.splitlines()) == 1
+
+
+def test_inception_weights_file_does_not_pin_the_hub_folder(world, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home-a"))
+    F.load_inception(64, world.inception_weights, "cpu")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home-b"))
+    assert Path(torch.hub.get_dir()) == tmp_path / "home-b" / "hub"
+    assert F.default_inception_weights_path().parent == tmp_path / "home-b" / "hub" / "checkpoints"
