@@ -76,7 +76,9 @@ class FineTuneConfig:
     # --- LoRA ---
     lora_blocks: tuple[int, ...] = option((), "Transformer blocks to adapt, e.g. 4,5,6 (default: all).")
     lora_layers: str | None = option(
-        None, f"Comma-separated attention linears to adapt (default: {','.join(JOINT_ATTENTION_LINEARS)})."
+        None,
+        f"Comma-separated attention linears to adapt (default: {','.join(JOINT_ATTENTION_LINEARS)}, plus "
+        "attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0 in SD3.5-medium's dual-attention blocks).",
     )
     lora_rank: int = option(64, "LoRA rank.")
     lora_alpha: float | None = option(None, "LoRA alpha (scale = alpha / rank); default: the rank.")
@@ -96,6 +98,11 @@ class FineTuneConfig:
     lr_power: float = option(1.0, "Power of the polynomial schedule.")
     gradient_checkpointing: bool = option(
         False, "Recompute block activations in the backward pass (less memory)."
+    )
+    quantize_base: bool = option(
+        False,
+        "Store the frozen transformer linears as int8 (torchao weight-only; pip install "
+        "'sd3-lora-celeba[quant]'); the LoRA stays fp32.",
     )
     compile: bool = option(False, "torch.compile the transformer.")
     # --- flow matching ---
@@ -270,9 +277,14 @@ def build_transformer(config: FineTuneConfig):
     from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
 
     transformer = load_transformer(config.model_name, config.model_revision, torch_dtype(config.precision))
+    if config.quantize_base:  # before the LoRA: only the frozen linears become int8
+        from sd3_lora_celeba.models.quantize import quantize_frozen_base
+
+        quantize_frozen_base(transformer)
     blocks = config.lora_blocks or tuple(range(len(transformer.transformer_blocks)))
+    layers = config.lora_layer_names if config.lora_layers is not None else None  # None: the model's default
     try:
-        targets = lora_target_modules(transformer, blocks, config.lora_layer_names)
+        targets = lora_target_modules(transformer, blocks, layers)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     add_lora(transformer, lora_config(targets, config.lora_rank, config.lora_alpha, init="gaussian"))
