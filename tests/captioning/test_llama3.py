@@ -152,3 +152,34 @@ def test_bad_options_are_rejected(tiny_env, blip2_dataset):
     for args, message in ((["--temperature", "-1"], "--temperature -1.0"), (["--top-p", "0"], "--top-p 0.0")):
         result = run_cli(str(blip2_dataset), *args)
         assert result.exit_code == 2 and message in result.output
+
+
+def test_blip2_caption_that_is_not_utf8_is_one_line_naming_it(tiny_env, blip2_dataset, captions):
+    bad = blip2_dataset / "val" / "hq-val-000" / layout.prompt_file("blip2")
+    bad.write_bytes(b"a smiling woman \xff\xfe")
+    result = run_cli(str(blip2_dataset))
+    assert result.exit_code == 2, result.output
+    error = result.output.strip().splitlines()[-1]
+    assert f"{bad}: not UTF-8 text (byte 16)" in error and "caption-blip2" in error
+    assert "Traceback" not in result.output
+    assert captions(blip2_dataset, "llama3") == {}  # checked before anything is written
+
+
+def test_corrupt_example_record_names_the_command_that_rebuilds_it(tiny_env, blip2_dataset):
+    record = blip2_dataset / "val" / "hq-val-000" / layout.EXAMPLE_RECORD
+    record.write_bytes(b'{"id": "hq-val-000", "attrib')  # truncated
+    result = run_cli(str(blip2_dataset))
+    assert result.exit_code == 2, result.output
+    error = result.output.strip().splitlines()[-1]
+    assert f"{record}:1: invalid JSON" in error and "sd3 prepare-celeba-hq" in error
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"), ("--top-p", "nan")],
+)
+def test_sampling_flags_refuse_nan_and_infinity(blip2_dataset, flag, value, captions):
+    result = run_cli(str(blip2_dataset), flag, value)
+    assert result.exit_code == 2, result.output
+    assert flag in result.output.strip().splitlines()[-1]
+    assert captions(blip2_dataset, "llama3") == {}

@@ -98,3 +98,17 @@ def mtimes() -> Callable[[Path, str], dict[str, int]]:
         return {p.parent.name: p.stat().st_mtime_ns for p in sorted(root.rglob(name))}
 
     return get
+
+
+@pytest.fixture
+def error_line() -> Callable[[Result], str]:
+    """``error_line(result)``: assert exit code 2 and one ``Error:`` line at the end; return that line."""
+
+    def check(result: Result) -> str:
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("Error: "), result.output
+        return last
+
+    return check
