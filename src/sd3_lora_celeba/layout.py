@@ -52,6 +52,7 @@ DATASET_INFO = "dataset.json"
 EXAMPLE_RECORD = "example.json"
 IMAGE = "image.jpg"
 EMPTY_PROMPT_DIR = "empty-prompt"
+EMPTY_VARIANT = "empty"  # prompt variant of the empty prompt: EMPTY_PROMPT_DIR/prompt_empty.txt
 LATENT_DIST = "latent_dist.safetensors"
 PROMPT_PREFIX = "prompt_"
 PROMPT_SUFFIX = ".txt"
