@@ -213,22 +213,10 @@ def read_metadata_or_none(path: Path, what: str) -> dict[str, str] | None:
 
 
 def native_image_size(model_name: str, revision: str | None) -> int:
-    """The model's native resolution: transformer ``sample_size`` x VAE downsampling factor."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    """The model's native resolution, from its configs: transformer ``sample_size`` x VAE scale factor."""
+    from sd3_lora_celeba.models.families import model_defaults
 
-    from sd3_lora_celeba.models.loading import load_pretrained
-
-    transformer = load_pretrained(
-        SD3Transformer2DModel.load_config,
-        model_name,
-        what="SD3 transformer config",
-        subfolder="transformer",
-        revision=revision,
-    )
-    vae = load_pretrained(
-        AutoencoderKL.load_config, model_name, what="SD3 VAE config", subfolder="vae", revision=revision
-    )
-    return int(transformer["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return model_defaults(model_name, revision).native_resolution
 
 
 def cache_settings(config: ComputeLatentDistConfig, image_size: int) -> dict[str, str]:
