@@ -29,7 +29,9 @@ def pytest_collection_modifyitems(config, items):
 # --- shared fixtures (built on sd3_lora_celeba.testing) ----------------------------------------------------
 # Directory conftests may define fixtures of the same name; pytest uses the nearest one.
 
+import http.server  # noqa: E402
 import json  # noqa: E402
+import threading  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -58,10 +60,14 @@ def run_cli() -> Callable[..., Result]:
 
 
 def write_example_folder(
-    split_dir: Path, example_id: str, seed: int = 0, size: tuple[int, int] = (64, 64), captions: bool = True
+    split_dir: Path,
+    example_id: str,
+    seed: int = 0,
+    size: tuple[int, int] = (64, 64),
+    captions: tuple[str, ...] = ("blip2", "llama3"),
 ) -> Path:
     """One example folder as ``prepare-celeba-hq`` writes it: a seeded random JPEG, ``example.json`` with the
-    40 attributes, and (``captions``) distinct BLIP-2 and Llama 3 captions of realistic length."""
+    40 attributes, and a caption of realistic length per variant in ``captions`` (distinct per ``seed``)."""
     import numpy as np
     from PIL import Image
 
@@ -87,12 +93,67 @@ def write_example_folder(
             "llama3": f"A close-up portrait of subject {seed}, a young adult with {hair} hair and a warm smile, "
             "photographed against a plain background in soft natural light.",
         }
-        for variant, text in texts.items():
+        for variant in captions:
+            text = texts[variant]
             (folder / layout.prompt_file(variant)).write_text(text, encoding="utf-8")
     return folder
 
 
 @pytest.fixture
 def write_example() -> Callable[..., Path]:
-    """``write_example(split_dir, example_id, seed=0, size=(64, 64), captions=True) -> folder``."""
+    """``write_example(split_dir, example_id, seed=0, size=(64, 64), captions=("blip2", "llama3"))``."""
     return write_example_folder
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    status = 404
+    error_code: str | None = None
+
+    def _answer(self) -> None:
+        self.send_response(self.status)
+        if self.error_code:
+            self.send_header("X-Error-Code", self.error_code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+
+@pytest.fixture(scope="session")
+def fake_hub_url():
+    """A local stand-in for the Hugging Face hub, one per session."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path, fake_hub_url):
+    """Point huggingface_hub at the fake hub (online mode, empty cache). ``fake_hub(401, "GatedRepo")`` makes
+    every request answer that status and ``X-Error-Code``, as the real hub does for that case."""
+    from huggingface_hub import constants
+
+    url = fake_hub_url
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    from huggingface_hub import hf_api
+
+    # The module-level client (model_info, ...) kept the endpoint of its import.
+    monkeypatch.setattr(hf_api.api, "endpoint", url)
+
+    def answer(status: int, error_code: str | None) -> None:
+        monkeypatch.setattr(_FakeHub, "status", status)
+        monkeypatch.setattr(_FakeHub, "error_code", error_code)
+
+    return answer

@@ -206,7 +206,6 @@ _NOISE = (
     (UserWarning, r".*torch_dtype.*deprecated"),
     (UserWarning, r"Already found a `peft_config` attribute"),
     (UserWarning, r".*local_dir_use_symlinks.*deprecated"),
-    (UserWarning, r".*fid calculation produces singular product"),
 )
 # Deprecation notices raised inside the libraries are for their developers, not for our users.
 _LIBRARY_MODULES = (
@@ -214,6 +213,8 @@ _LIBRARY_MODULES = (
 )
 _LIBRARIES = {"diffusers": "DIFFUSERS_VERBOSITY", "transformers": "TRANSFORMERS_VERBOSITY"}
 _LIBRARIES["huggingface_hub"] = "HF_HUB_VERBOSITY"
+# Import-time notices of optional libraries (torchao's extension check, torch's pytree deprecation).
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "peft")
 
 
 def quiet_libraries(verbose: bool, progress_bars: bool) -> None:
@@ -224,6 +225,8 @@ def quiet_libraries(verbose: bool, progress_bars: bool) -> None:
         # The variable covers a later import (the library sets its level then); the logger an earlier one.
         os.environ[env] = logging.getLevelName(level).lower()
         logging.getLogger(lib).setLevel(level)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     if not verbose:
         for category, message in _NOISE:
             warnings.filterwarnings("ignore", message=message, category=category)
@@ -254,7 +257,7 @@ def setup_logging(quiet: bool, style: str, verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "filelock", "torchao"):
+    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_libraries(verbose, progress_bars=not quiet and style == "rich")
     if quiet:

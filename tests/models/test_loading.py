@@ -7,9 +7,7 @@ the offline case, by the real code with an empty cache. Nothing leaves the machi
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 
 import httpx
 import pytest
@@ -58,57 +56,7 @@ def test_enable_tf32_is_harmless_without_cuda(monkeypatch):
     assert torch.backends.cuda.matmul.fp32_precision == before
 
 
-# --- a fake hub ---------------------------------------------------------------------------------------------
-
-
-class _FakeHub(http.server.BaseHTTPRequestHandler):
-    status = 404
-    error_code: str | None = None
-
-    def _answer(self) -> None:
-        self.send_response(self.status)
-        if self.error_code:
-            self.send_header("X-Error-Code", self.error_code)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_HEAD = _answer
-
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-
-@pytest.fixture(scope="module")
-def fake_hub_url():
-    """One local server for the module (some clients keep the endpoint they first saw)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path, fake_hub_url):
-    """Point huggingface_hub at the local server (online mode, empty cache); returns a function setting its
-    answer."""
-    from huggingface_hub import constants
-
-    url = fake_hub_url
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-
-    def answer(status: int, error_code: str | None) -> None:
-        monkeypatch.setattr(_FakeHub, "status", status)
-        monkeypatch.setattr(_FakeHub, "error_code", error_code)
-
-    return answer
+# --- hub errors (the fake_hub fixture is in tests/conftest.py) ---------------------------------------------
 
 
 def _loaders():
@@ -227,6 +175,9 @@ def test_other_errors_pass_through():
 def test_local_folders_that_are_not_the_model(tiny_sd3, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
+    readme_only = tmp_path / "readme-only"
+    readme_only.mkdir()
+    (readme_only / "README.md").write_text("not a model")
     a_file = tmp_path / "model.safetensors"
     a_file.write_bytes(b"")
     wrong_class = tmp_path / "wrong-class"
@@ -240,8 +191,10 @@ def test_local_folders_that_are_not_the_model(tiny_sd3, tmp_path):
         (loading.load_vae, tmp_path / "missing", ("the folder does not exist", "--model-name")),
         (loading.load_pipeline_without_text_encoders, tmp_path / "missing", ("the folder does not exist",)),
         (loading.load_vae, a_file, ("is a file, not a model folder",)),
-        (loading.load_vae, empty, ("has no vae/ subfolder", "not a diffusers SD3 pipeline folder")),
-        (loading.load_pipeline_without_text_encoders, empty, ("model_index.json is missing",)),
+        (loading.load_vae, empty, ("the folder is empty", "hf download ID --local-dir DIR")),
+        (loading.load_pipeline_without_text_encoders, empty, ("the folder is empty",)),
+        (loading.load_vae, readme_only, ("has no vae/ subfolder", "not a diffusers SD3 pipeline folder")),
+        (loading.load_pipeline_without_text_encoders, readme_only, ("model_index.json is missing",)),
         # A transformers model folder (the CLIP text encoder) given as the SD3 pipeline.
         (
             loading.load_pipeline_without_text_encoders,
@@ -261,6 +214,18 @@ def test_local_folders_that_are_not_the_model(tiny_sd3, tmp_path):
         with pytest.raises(InputError) as exc:
             load(str(folder))
         _one_line(exc, str(folder), *needles)
+
+
+def test_a_folder_without_a_tokenizer(tiny_sd3):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(InputError) as exc:
+        load_pretrained(AutoTokenizer.from_pretrained, tiny_sd3, what="Llama 3 tokenizer")
+    _one_line(exc, str(tiny_sd3), "has no tokenizer files")
+    assert (
+        load_pretrained(AutoTokenizer.from_pretrained, tiny_sd3, what="CLIP", subfolder="tokenizer")
+        is not None
+    )
 
 
 def test_a_transformers_folder_of_another_model_type(tiny_sd3, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,18 @@ def _expected_config(cls: type | None) -> tuple[str | None, str | None, str | No
     return None, None, None
 
 
+# Any of these marks a folder that a tokenizer or processor can be loaded from.
+_TOKENIZER_MARKERS = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
 def _check_local_folder(loader: Callable[..., Any], model_name: str, what: str, flag: str, subfolder: Any):
     """Fail with one line when a local model folder is missing, empty or holds another kind of model."""
     path = Path(model_name).expanduser()
@@ -150,6 +163,11 @@ def _check_local_folder(loader: Callable[..., Any], model_name: str, what: str, 
         )
     if not path.is_dir():
         raise InputError(f"{what} {model_name}: is a file, not a model folder; check {flag}")
+    if not any(path.iterdir()):
+        raise InputError(
+            f"{what} {model_name}: the folder is empty; check {flag}, or download the model into it "
+            "(`hf download ID --local-dir DIR`)"
+        )
     folder = path / subfolder if subfolder else path
     kind = f"the {subfolder}/ subfolder of a diffusers pipeline" if subfolder else "a model folder"
     if not subfolder and "pipeline" in what.lower():
@@ -159,7 +177,16 @@ def _check_local_folder(loader: Callable[..., Any], model_name: str, what: str, 
             f"{what} {model_name}: has no {subfolder}/ subfolder, so it is not a diffusers SD3 pipeline folder; "
             f"check {flag} (it must hold model_index.json and the pipeline subfolders)"
         )
-    config_file, class_name, model_type = _expected_config(_owner_class(loader))
+    cls = _owner_class(loader)
+    if cls is not None and ("Tokenizer" in cls.__name__ or "Processor" in cls.__name__):
+        if not any((folder / marker).is_file() for marker in _TOKENIZER_MARKERS):
+            where = f"{subfolder}/" if subfolder else "the folder"
+            raise InputError(
+                f"{what} {model_name}: {where} has no tokenizer files (tokenizer_config.json, tokenizer.json), "
+                f"so it is not {kind} with a tokenizer; check {flag}"
+            )
+        return
+    config_file, class_name, model_type = _expected_config(cls)
     if config_file is None:
         return
     config_path = folder / config_file
@@ -247,6 +274,11 @@ def _hub_error_message(
         (e for e in chain if (type(e) is OSError and e.errno is None) or type(e) is ValueError), None
     )
     if plain is not None and _is_loading_sentence(str(plain)):
+        if _looks_local(model_name):
+            return (
+                f"{target}: cannot be loaded ({_first_line(plain)}); check {flag}: the folder must hold a "
+                "complete copy of the model"
+            )
         return (
             f"{target}: cannot be loaded ({_first_line(plain)}); check {flag}, or download it with {download}"
         )
@@ -279,6 +311,15 @@ def _is_loading_sentence(text: str) -> bool:
     return any(s in lowered for s in _LOADING_SENTENCES)
 
 
+def _follow_hub_progress_setting() -> None:
+    """transformers follows ``HF_HUB_DISABLE_PROGRESS_BARS`` (``sd3 --quiet``, ``--logging-style plain``);
+    diffusers' loading bars do not: mirror the hub's setting there."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled() and "diffusers.utils.logging" in sys.modules:
+        sys.modules["diffusers.utils.logging"].disable_progress_bar()
+
+
 def load_pretrained(
     loader: Callable[..., Any],
     model_name: str | os.PathLike,
@@ -293,6 +334,7 @@ def load_pretrained(
     ``flag`` is the command-line option that chooses the model (named in the fix). Other errors (a real bug,
     out of memory, a full disk) pass through unchanged."""
     model_name = str(model_name)
+    _follow_hub_progress_setting()
     if _looks_local(model_name):
         _check_local_folder(loader, model_name, what, flag, kwargs.get("subfolder"))
     try:
