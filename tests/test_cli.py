@@ -1,5 +1,6 @@
 """The `sd3` command lists every stage of the README and its group options work."""
 
+import os
 import re
 import subprocess
 import sys
@@ -49,3 +50,38 @@ def test_version():
 def test_unknown_command_fails():
     result = CliRunner().invoke(cli, ["no-such-command"])
     assert result.exit_code != 0
+
+
+def test_a_broken_stage_import_is_not_hidden(monkeypatch):
+    from sd3_lora_celeba import cli as cli_module
+
+    monkeypatch.setitem(COMMANDS, "broken", ("sd3_lora_celeba.no_such_module:Config:run", "A broken entry."))
+    result = CliRunner().invoke(cli_module.cli, ["broken"])
+    assert isinstance(result.exception, ModuleNotFoundError)
+    assert "not available in this version" not in result.output
+
+
+def test_quiet_turns_progress_bars_off_before_the_stage_is_imported():
+    # tqdm reads TQDM_DISABLE on import; `--quiet` must set it while the group options are parsed.
+    code = (
+        "import os, sys\n"
+        "from sd3_lora_celeba.cli import main\n"
+        "sys.argv = ['sd3', '--quiet', 'copy-images', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import tqdm.std\n"
+        "print('tqdm imported by the stage:', 'sd3_lora_celeba.parallel' in sys.modules)\n"
+        "print('tqdm default disable:', tqdm.std.tqdm.__dict__['__init__'].keywords.get('disable'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "tqdm imported by the stage: True" in result.stdout
+    assert "tqdm default disable: True" in result.stdout
+
+
+def test_group_options_in_help():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert "--verbose" in result.output and "--quiet" in result.output

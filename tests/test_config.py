@@ -10,7 +10,15 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from sd3_lora_celeba.config import argument, build_command, config_from_dict, config_to_dict, option
+from sd3_lora_celeba.config import (
+    argument,
+    build_command,
+    check_bounds,
+    config_from_dict,
+    config_to_dict,
+    option,
+)
+from sd3_lora_celeba.errors import InputError
 
 
 @dataclass
@@ -118,3 +126,84 @@ def test_bad_config_file_keys_and_syntax(tmp_path):
 def test_round_trip_through_dict():
     cfg = DemoConfig(Path("d"), 8, (1,), 0.1, True, "mode", (Path("x"),), "n")
     assert config_from_dict(DemoConfig, config_to_dict(cfg)) == cfg
+
+
+@dataclass
+class BoundedConfig:
+    steps: int = option(10, "steps", min=1, group="Optimisation")
+    lr: float = option(1e-4, "learning rate", min=0.0, group="Optimisation")
+    ratio: float = option(0.5, "a fraction", min=0.0, max=1.0, group="Data")
+    seed: int = option(0, "seed")
+    split_seed: int = option(42, "split seed", group="Data")
+    model: str = option("default-model", "model", env="BOUNDED_MODEL_ENV")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+def run_bounded(args: list[str], env: dict | None = None):
+    seen: list = []
+    result = CliRunner().invoke(build_command("b", BoundedConfig, seen.append, "Bounded."), args, env=env)
+    return result, seen
+
+
+def test_env_defaults_are_shared_by_python_and_the_cli(monkeypatch):
+    assert BoundedConfig().model == "default-model"
+    monkeypatch.setenv("BOUNDED_MODEL_ENV", "from-env")
+    assert BoundedConfig().model == "from-env"  # Python callers follow the variable like the CLI
+    result, seen = run_bounded([])
+    assert result.exit_code == 0 and seen[0].model == "from-env"
+    result, seen = run_bounded(["--model", "from-flag"])
+    assert seen[0].model == "from-flag"
+    help_text = run_bounded(["--help"])[0].output
+    assert "$BOUNDED_MODEL_ENV if set, else default-" in help_text
+
+
+def test_help_lists_options_by_group():
+    help_text = run_bounded(["--help"])[0].output
+    headings = [line.rstrip(":") for line in help_text.splitlines() if line and not line.startswith(" ")]
+    assert headings[-3:] == ["Options", "Optimisation", "Data"]
+    options, optimisation, data = (help_text.index(f"\n{h}:") for h in headings[-3:])
+    assert options < help_text.index("--seed") < optimisation < help_text.index("--steps") < data
+    assert data < help_text.index("--ratio") and data < help_text.index("--split-seed")
+    assert help_text.index("--config") < optimisation  # ungrouped options come first
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "nan"], "--lr nan: not a finite number"),
+        (["--lr", "-inf"], "--lr -inf: not a finite number"),
+        (["--lr", "fast"], "--lr fast: not a number"),
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--steps", "2.5"], "--steps 2.5: not an integer"),
+        (["--ratio", "1.5"], "--ratio 1.5: must be between 0.0 and 1.0"),
+        (["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
+        (["--split-seed", str(2**32)], f"--split-seed {2**32}: must be between 0 and 4294967295"),
+    ],
+)
+def test_numbers_are_checked_in_one_line(args, message):
+    result, seen = run_bounded(args)
+    assert result.exit_code == 2 and not seen
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {message}")
+
+
+def test_bounds_hold_for_config_files_and_python(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: .inf\n")
+    result, seen = run_bounded(["--config", str(f)])
+    assert result.exit_code == 2 and not seen and "key 'lr' must be a finite number" in result.output
+    f.write_text("ratio: 2\n")
+    result, _ = run_bounded(["--config", str(f)])
+    assert result.exit_code == 2 and "--ratio 2.0: must be between" in result.output
+    assert (
+        run_bounded(["--config", str(f), "--ratio", "0.25"])[1][0].ratio == 0.25
+    )  # a flag overrides the file
+    with pytest.raises(InputError, match="--seed 4294967296"):
+        BoundedConfig(seed=2**32)
+    with pytest.raises(InputError, match="--lr nan"):
+        BoundedConfig(lr=float("nan"))
+    with pytest.raises(InputError, match="--steps 0"):
+        config_from_dict(BoundedConfig, {"steps": 0})
+    assert BoundedConfig(seed=2**32 - 1, ratio=1.0).seed == 2**32 - 1
