@@ -95,11 +95,6 @@ def resolve_device(requested: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def default_device() -> torch.device:
-    """CUDA when available, else CPU (same as ``resolve_device(None)``)."""
-    return resolve_device(None)
-
-
 def enable_tf32() -> None:
     """Allow TF32 tensor cores for float32 matmuls and convolutions (no effect without CUDA)."""
     if not torch.cuda.is_available():
