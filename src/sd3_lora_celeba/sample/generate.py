@@ -456,20 +456,66 @@ def native_size(pipe) -> int:
     return int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the sizes and skip-layer blocks are checked against, from the transformer and VAE configs."""
+
+    vae_scale_factor: int
+    patch_size: int
+    pos_embed_max_size: int
+    sample_size: int
+    num_blocks: int
+
+    @classmethod
+    def of_pipeline(cls, pipe) -> ModelLimits:
+        c = pipe.transformer.config
+        return cls(
+            int(pipe.vae_scale_factor),
+            int(c.patch_size),
+            int(c.pos_embed_max_size),
+            int(c.sample_size),
+            len(pipe.transformer.transformer_blocks),
+        )
+
+    @classmethod
+    def of_model(cls, model_name: str, revision: str | None = None) -> ModelLimits:
+        """From the config files only (no weights read), so a bad flag fails before anything is loaded."""
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+        from sd3_lora_celeba.models.loading import load_pretrained
+
+        def config(loader, subfolder: str, what: str) -> dict:
+            return load_pretrained(loader, model_name, what=what, subfolder=subfolder, revision=revision)
+
+        t = config(SD3Transformer2DModel.load_config, "transformer", "SD3 transformer config")
+        v = config(AutoencoderKL.load_config, "vae", "SD3 VAE config")
+        factor = 2 ** (len(v.get("block_out_channels", (0,) * 4)) - 1)
+        return cls(
+            factor,
+            int(t["patch_size"]),
+            int(t["pos_embed_max_size"]),
+            int(t["sample_size"]),
+            int(t["num_layers"]),
+        )
+
+
 def check_model_limits(
-    pipe, height: int | None, width: int | None, skip_guidance_layers: Sequence[int] = ()
+    pipe_or_limits, height: int | None, width: int | None, skip_guidance_layers: Sequence[int] = ()
 ) -> None:
-    """Image size and skip-layer blocks against the loaded model (one line naming the flag)."""
-    config = pipe.transformer.config
-    step = int(pipe.vae_scale_factor) * int(config.patch_size)
-    max_side = int(config.pos_embed_max_size) * step
+    """Image size and skip-layer blocks against the model (a pipeline or :class:`ModelLimits`; one line
+    naming the flag)."""
+    limits = (
+        pipe_or_limits if isinstance(pipe_or_limits, ModelLimits) else ModelLimits.of_pipeline(pipe_or_limits)
+    )
+    step = limits.vae_scale_factor * limits.patch_size
+    max_side = limits.pos_embed_max_size * step
     for name, value in (("height", height), ("width", width)):
         if value is not None and (value % step or not step <= value <= max_side):
             raise InputError(
                 f"--{name} {value}: this model takes multiples of {step} px up to {max_side} px "
-                f"(native {native_size(pipe)})"
+                f"(native {limits.sample_size * limits.vae_scale_factor})"
             )
-    blocks = len(pipe.transformer.transformer_blocks)
+    blocks = limits.num_blocks
     bad = [i for i in skip_guidance_layers if not 0 <= i < blocks]
     if bad:
         raise InputError(
@@ -658,6 +704,8 @@ def generate_images(config: GenerateImagesConfig) -> dict[str, Any]:
         skip_layer_guidance=config.slg_settings(),
     )
     check_generation_settings(config.output_dir, settings, config.overwrite)  # before loading a large model
+    limits = ModelLimits.of_model(config.model_name, config.model_revision)
+    check_model_limits(limits, config.height, config.width, config.skip_guidance_layers)
     pipe = load_generation_pipeline(
         config.model_name,
         revision=config.model_revision,
