@@ -309,3 +309,23 @@ def test_library_noise_only_with_verbose(tmp_path, write_example, verbose):
     noise = ("torch_dtype", "peft_config", "No LoRA keys", "Token indices sequence length")
     shown = [n for n in noise if n in result.stderr]
     assert shown == (list(noise) if verbose else []), result.stderr
+
+
+def test_plain_logs_have_no_library_progress_bars(monkeypatch, tiny_sd3, tmp_path, capsys):
+    import diffusers.utils.logging as diffusers_logging
+    from click.testing import CliRunner
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    from sd3_lora_celeba.cli import cli
+    from sd3_lora_celeba.models.loading import load_pipeline_without_text_encoders
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    enable_progress_bars()
+    diffusers_logging.enable_progress_bar()
+    result = CliRunner().invoke(cli, ["--logging-style", "plain", "doctor", "--model-name", str(tiny_sd3)])
+    assert "Versions:" in result.output
+    assert are_progress_bars_disabled() and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    capsys.readouterr()
+    load_pipeline_without_text_encoders(str(tiny_sd3))
+    assert not diffusers_logging.is_progress_bar_enabled()
+    assert "Loading pipeline components" not in capsys.readouterr().err
