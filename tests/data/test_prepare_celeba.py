@@ -321,3 +321,15 @@ def test_empty_release_is_refused(release_copy, hq_dataset, run_cli, snapshot, e
     line = error_line(run_cli("prepare-celeba", celeba_root, hq_root, hq_dataset))
     assert f"{celeba_root / CELEBA_ATTRIBUTES}: lists no images" in line
     assert snapshot(hq_dataset) == before
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--num-workers", "0"), ("--num-workers", "257"), ("--min-image-size", "0"), ("--max-images", "nan")],
+)
+def test_numeric_flags_are_range_checked(releases, hq_dataset, run_cli, snapshot, flag, value):
+    hq, celeba = releases
+    before = snapshot(hq_dataset)
+    result = run_cli("prepare-celeba", celeba.root, hq.root, hq_dataset, flag, value)
+    assert result.exit_code == 2 and flag in result.output and "Traceback" not in result.output
+    assert snapshot(hq_dataset) == before

@@ -310,3 +310,11 @@ def test_attribute_table_is_printed_once(releases, tmp_path):
     result = CliRunner().invoke(cli, ["prepare-celeba-hq", str(hq.root), str(tmp_path / "d")])  # not --quiet
     assert result.exit_code == 0, result.output
     assert result.output.count("Arched_Eyebrows") == 1, result.output
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "nan"])
+def test_random_seed_is_range_checked(releases, tmp_path, run_cli, seed):
+    hq, _ = releases
+    result = run_cli("prepare-celeba-hq", hq.root, tmp_path / "d", "--random-seed", seed)
+    assert result.exit_code == 2 and "--random-seed" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "d").exists()

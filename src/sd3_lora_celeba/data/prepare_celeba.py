@@ -84,8 +84,8 @@ class PrepareCelebAConfig:
             raise ValueError(
                 f"--min-image-size must be a positive number of pixels, got {self.min_image_size}"
             )
-        if self.num_workers < 1:
-            raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
+        if not 1 <= self.num_workers <= 256:
+            raise ValueError(f"--num-workers must be 1 to 256, got {self.num_workers}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(
                 f"--max-images must be at least 1 (or left out for all images), got {self.max_images}"

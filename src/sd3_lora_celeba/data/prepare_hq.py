@@ -93,6 +93,8 @@ class PrepareCelebAHQConfig:
     overwrite: bool = option(False, "Redo every example (and the split) even if DST already holds them.")
 
     def __post_init__(self) -> None:
+        if not 0 <= self.random_seed < 2**32:
+            raise ValueError(f"--random-seed {self.random_seed}: must be 0 to {2**32 - 1}")
         if self.split_by_identity and self.celeba_dir is None:
             raise ValueError(
                 "--split-by-identity needs --celeba-dir /path/to/CelebA (its Anno/identity_CelebA.txt "
