@@ -163,6 +163,13 @@ def test_no_network_is_one_line(monkeypatch):
         _one_line(exc, "SD3 pipeline x/y", "cannot be reached", "hf download x/y", "--model-name DIR")
 
 
+def test_a_name_that_is_no_folder_and_no_hub_id():
+    for load in (loading.load_vae, loading.load_pipeline_without_text_encoders):
+        with pytest.raises(InputError) as exc:
+            load("not a model id")
+        _one_line(exc, "not a model id", "neither a local folder nor a valid hub id", "--model-name")
+
+
 def test_other_errors_pass_through():
     for error in (RuntimeError("a real bug"), OSError(28, "No space left on device"), MemoryError()):
         with pytest.raises(type(error)):

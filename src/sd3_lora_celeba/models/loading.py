@@ -243,6 +243,8 @@ def _hub_error_message(
             f"{target}: access denied (a gated or private model); accept its licence at "
             f"https://huggingface.co/{model_name}, then log in with `hf auth login` {local}"
         )
+    if has(hub.HFValidationError):
+        return f"{target}: neither a local folder nor a valid hub id (owner/name); check {flag}"
     if has(hub.RevisionNotFoundError):
         return f"{target}: revision {revision or 'main'} not found on the hub; check --model-revision"
     if has(hub.RepositoryNotFoundError) or (status == 404 and not has(hub.EntryNotFoundError)):
