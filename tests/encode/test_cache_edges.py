@@ -138,11 +138,14 @@ class _Records(logging.Handler):
 @pytest.mark.parametrize("subfolder", ["tokenizer", "tokenizer_3"])
 def test_long_caption_gives_no_tokenizer_length_warning(tiny_sd3, subfolder):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     long_text = " ".join(["word"] * 600)
     records = _Records()
     logger = logging.getLogger("transformers.tokenization_utils_base")
     logger.addHandler(records)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # as in --verbose; a quiet run may have lowered it
     try:
         tokenizer = AutoTokenizer.from_pretrained(tiny_sd3, subfolder=subfolder)
         assert prompts_mod.count_truncated(tokenizer, [long_text, "short"], 77) == 1
@@ -151,3 +154,4 @@ def test_long_caption_gives_no_tokenizer_length_warning(tiny_sd3, subfolder):
         assert [m for m in records.messages if "Token indices sequence length" in m]
     finally:
         logger.removeHandler(records)
+        hf_logging.set_verbosity(verbosity)
