@@ -1,22 +1,36 @@
-"""Benchmark one fine-tune step: this trainer vs a plain diffusers-style loop, on the full SD3-medium architecture.
+"""Benchmark one fine-tune optimizer step: ``sd3 fine-tune``'s real step vs a plain peft + diffusers loop.
 
-    python benchmarks/bench_fine_tune.py                   # CUDA: SD3-medium shape (random weights), 1024 px
-    python benchmarks/bench_fine_tune.py --device cpu --tiny   # smoke run of the code path on a CPU
+    python benchmarks/bench_fine_tune.py --quick          # CPU, mid-size SD3 (the run_all --quick goal)
+    python benchmarks/bench_fine_tune.py --device cuda    # SD3-medium shape (random weights), 1024 px, bf16
 
-Both loops get the same random inputs (latents 16x128x128, 154 prompt tokens of width 4096, pooled 2048) and the
-same LoRA (blocks 4-22, rank 64, the 8 joint-attention linears); the frozen weights are fp32, as in the seed.
+Both sides get the same model (random weights, built the same way), the same peft LoRA (blocks 4-22, rank 64,
+the 8 joint-attention linears, fp32 LoRA weights), the same cached inputs (latents, 333 prompt tokens of width
+4096, pooled 2048, in memory), the same batch, AdamW, gradient clipping and the same dtype: float32 on CPU;
+on CUDA the frozen weights in bf16 with bf16 autocast (what the diffusers script does with
+``--mixed_precision bf16``) and TF32 on.
 
-* ``ours``: the recipe's step (accelerate bf16 autocast, flow.py maths, fused AdamW, optional ``--compile``).
-* ``plain``: the diffusers-script style (``torch.autocast`` fp16 + GradScaler, diffusers' density/weighting
-  helpers, unfused AdamW, no compile).
+* ``ours``: :func:`sd3_lora_celeba.train.recipe.train_step`, the step ``sd3 fine-tune`` runs (noise and noise
+  levels come with the batch, as the loader workers draw them; one host sync per step), with the recipe's
+  accelerator, optimizer and schedule; ``ours --compile`` adds the recipe's regional ``torch.compile``.
+* ``plain``: the diffusers SD3 LoRA script's step written plainly: noise and density drawn in the loop,
+  ``compute_density_for_timestep_sampling`` + scheduler lookup, ``accelerator.autocast`` via accelerate's mixed
+  precision, ``accelerator.backward``, ``accelerator.clip_grad_norm_``, AdamW, ``lr_scheduler.step``.
 
-Reports images/s, MFU (model FLOPs from ``torch.utils.flop_counter`` over H100 dense bf16 peak, 989 TFLOP/s) and
-peak memory for each, their ratios, and peak memory of ours at batch 1 with gradient checkpointing.
+Configurations run interleaved (>= 3 repeats after a warm-up, ``gc.collect()`` between them); rows give median
+and min seconds per step and peak memory (CUDA: peak allocated; CPU: not measured per configuration). Goal
+``train-step``: plain / ours (median) >= 1.15 on CPU (the best of ours' two rows is the one compared; the rows
+say which), >= 1.3 on CUDA. With CUDA it also reports MFU (model FLOPs from ``torch.utils.flop_counter`` over
+the GPU's dense bf16 peak: 989 TFLOP/s for H100/H200) and ours at batch 1 with gradient checkpointing.
+
+Wheels to carry to a GPU machine without internet: diffusers, safetensors, the project (torch, transformers,
+peft and accelerate are on the device image).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
 import sys
 import time
 
@@ -28,201 +42,263 @@ SD3_MEDIUM = dict(
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
     pos_embed_max_size=192,
 )  # fmt: skip
-TINY = dict(
-    sample_size=8, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=16, num_attention_heads=2,
-    joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48, out_channels=16, pos_embed_max_size=32,
+# --quick: 24 blocks of width 384, 64x64 latents (512 px), SD3-medium cache shapes.
+MID = dict(
+    sample_size=64, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=6,
+    joint_attention_dim=4096, caption_projection_dim=384, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=96,
 )  # fmt: skip
+PROMPT_TOKENS = 333  # 77 CLIP + 256 T5
+BLOCKS = list(range(4, 23))
 
 
-def build_model(arch: dict, rank: int, blocks: list[int], device: torch.device, checkpointing: bool):
+def build_model(arch: dict, rank: int, device: torch.device, dtype: torch.dtype, checkpointing: bool = False):
+    """SD3 transformer with the frozen weights in ``dtype`` and an fp32 peft LoRA (as the recipe builds it)."""
     from diffusers import SD3Transformer2DModel
 
     from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
 
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(**arch)
-    add_lora(model, lora_config(lora_target_modules(model, blocks), rank))
+    model = SD3Transformer2DModel(**arch).to(dtype)
+    add_lora(model, lora_config(lora_target_modules(model, BLOCKS), rank, init="gaussian"))
     if checkpointing:
         model.enable_gradient_checkpointing()
     return model.to(device).train()
 
 
 def make_inputs(arch: dict, batch: int, device: torch.device) -> dict:
+    """Cached inputs in memory on the device, plus the noise and noise levels ours gets from its loader."""
+    from sd3_lora_celeba.train import flow
+
     g = torch.Generator().manual_seed(0)
     side = arch["sample_size"]
+    draw = flow.NoiseDraw("logit_normal", 3.0, logit_mean=-0.5)
+    drawn = [draw(seed, torch.Size((16, side, side))) for seed in range(batch)]
     return {
         "latents": torch.randn(batch, 16, side, side, generator=g).to(device),
-        "prompt_embeds": torch.randn(batch, 154, arch["joint_attention_dim"], generator=g).to(device),
+        "prompt_embeds": torch.randn(batch, PROMPT_TOKENS, arch["joint_attention_dim"], generator=g).to(
+            device
+        ),
         "pooled_prompt_embeds": torch.randn(batch, arch["pooled_projection_dim"], generator=g).to(device),
-        "sample_seeds": torch.arange(batch),
+        "noise": torch.stack([d["noise"] for d in drawn]).to(device),
+        "sigmas": torch.stack([d["sigmas"] for d in drawn]).to(device),
     }
 
 
-def ours_step_fn(model, inputs, device, compile_model: bool):
-    """The recipe's micro-step + optimizer step (see train/recipe.py), one accumulation step."""
+def _accelerator(mixed: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from sd3_lora_celeba.train import flow
-    from sd3_lora_celeba.train.recipe import FineTuneConfig, draw_noise_and_sigmas
-
     AcceleratorState._reset_state(reset_partial_state=False)
-    use_amp = device.type == "cuda"
-    accelerator = Accelerator(mixed_precision="bf16" if use_amp else "no", cpu=device.type == "cpu")
+    return Accelerator(mixed_precision=mixed)
+
+
+def ours_step_fn(model, inputs: dict, mixed: str, compile_model: bool):
+    """The recipe's own pieces: optimizer, schedule, accelerator.prepare, train_step."""
+    import itertools
+
+    from sd3_lora_celeba.train import recipe
+
+    config = recipe.FineTuneConfig(
+        train_dir=".", empty_prompt_dir=".", logit_mean=-0.5, lr_warmup_steps=0, compile=compile_model
+    )
+    accelerator = _accelerator(mixed)
     if compile_model:
-        model.compile()
+        recipe.compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
+    optimizer = recipe.build_optimizer(config, params, accelerator.device)
+    lr_scheduler = recipe.build_lr_scheduler(config, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    config = FineTuneConfig(train_dir=".", empty_prompt_dir=".", logit_mean=-0.5)
+    dtype = (
+        torch.float32 if mixed != "no" else next(p for p in model.parameters() if not p.requires_grad).dtype
+    )
+    batches = itertools.repeat(inputs)  # what the loader yields, already drawn
 
     def step():
-        latents = inputs["latents"]
-        noise, sigmas = draw_noise_and_sigmas(inputs["sample_seeds"], latents.shape, config, 3.0)
-        noise, sigmas = noise.to(device), sigmas.to(device)
-        noisy = flow.add_noise(latents, noise, sigmas)
-        pred = model(
-            hidden_states=noisy,
-            timestep=flow.sigmas_to_timesteps(sigmas),
-            encoder_hidden_states=inputs["prompt_embeds"],
-            pooled_projections=inputs["pooled_prompt_embeds"],
-            return_dict=False,
-        )[0]
-        loss = flow.weighted_mse(
-            flow.precondition_outputs(pred, noisy, sigmas), latents, torch.ones_like(sigmas)
-        )
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        recipe.train_step(model, optimizer, params, batches, config, accelerator, dtype)
+        lr_scheduler.step()
 
     return step
 
 
-def plain_step_fn(model, inputs, device):
-    """A diffusers-script style step: fp16 autocast + GradScaler, index lookup of the shifted schedule."""
+def plain_step_fn(model, inputs: dict, mixed: str):
+    """The diffusers SD3 LoRA script's training step, written plainly."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+    accelerator = _accelerator(mixed)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    weight_dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+    sigmas_table = scheduler.sigmas.to(accelerator.device)
+    timesteps_table = scheduler.timesteps.to(accelerator.device)
 
     def step():
-        latents = inputs["latents"]
+        latents = inputs["latents"].to(weight_dtype)
         noise = torch.randn_like(latents)
-        u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], 0.0 - 0.5, 1.0, 1.29)
-        idx = (u * 1000).long()
-        timesteps = scheduler.timesteps[idx].to(device)
-        sigmas = scheduler.sigmas[idx].to(device).view(-1, 1, 1, 1)
-        noisy = (1 - sigmas) * latents + sigmas * noise
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        bsz = latents.shape[0]
+        u = compute_density_for_timestep_sampling("logit_normal", bsz, logit_mean=-0.5, logit_std=1.0)
+        indices = (u * scheduler.config.num_train_timesteps).long()
+        timesteps = timesteps_table[indices.to(accelerator.device)]
+        sigmas = sigmas_table[indices.to(accelerator.device)].view(-1, 1, 1, 1).to(latents.dtype)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        with accelerator.autocast():
             pred = model(
                 hidden_states=noisy,
                 timestep=timesteps,
-                encoder_hidden_states=inputs["prompt_embeds"],
-                pooled_projections=inputs["pooled_prompt_embeds"],
-            ).sample
-        pred = noisy - sigmas * pred
-        w = compute_loss_weighting_for_sd3("logit_normal", sigmas)
-        loss = (w.float() * (pred.float() - latents.float()) ** 2).flatten(1).mean(1).mean()
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+                encoder_hidden_states=inputs["prompt_embeds"].to(weight_dtype),
+                pooled_projections=inputs["pooled_prompt_embeds"].to(weight_dtype),
+                return_dict=False,
+            )[0]
+        pred = pred * (-sigmas) + noisy  # preconditioning, as the script's --precondition_outputs
+        weighting = compute_loss_weighting_for_sd3("logit_normal", sigmas)
+        loss = torch.mean(
+            (weighting.float() * (pred.float() - latents.float()) ** 2).reshape(bsz, -1), 1
+        ).mean()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
 
     return step
 
 
-def count_flops(step) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return float(counter.get_total_flops())
-
-
-def measure(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds per step, peak memory MiB)."""
-    for _ in range(warmup):
-        step()
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
+
+
+def interleaved(configs: dict, device: torch.device, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each configuration, measured in turns (one step each per turn)."""
+    steps = {}
+    for name, make in configs.items():
+        gc.collect()
+        steps[name] = make()
+        for _ in range(warmup):
+            steps[name]()
+        _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            gc.collect()
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_mb_of(make, device: torch.device) -> float | None:
+    """Peak CUDA memory of a few steps of one configuration, alone (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step = make()
+    for _ in range(2):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return (time.perf_counter() - start) / steps, peak
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
 
 
-def run(name: str, make_step, arch, args, device, batch: int, checkpointing: bool = False) -> dict:
-    model = build_model(arch, args.rank, list(range(4, 23)), device, checkpointing)
+def measure(
+    device: torch.device, quick: bool, batch: int = 1, rank: int = 64, compile_too: bool = True
+) -> dict:
+    cuda = device.type == "cuda"
+    arch = SD3_MEDIUM if cuda or not quick else MID
+    dtype, mixed = (torch.bfloat16, "bf16") if cuda else (torch.float32, "no")
+    if cuda:
+        from sd3_lora_celeba.models.loading import enable_tf32
+
+        enable_tf32()
     inputs = make_inputs(arch, batch, device)
-    step = make_step(model, inputs)
-    step()  # build lazy state (optimizer, compile) before counting
-    flops = (
-        count_flops(step)
-        if not args.compile or name != "ours"
-        else count_flops(make_step_uncompiled(arch, args, device, batch))
+    configs = {
+        "ours": lambda: ours_step_fn(build_model(arch, rank, device, dtype), inputs, mixed, False),
+        "plain": lambda: plain_step_fn(build_model(arch, rank, device, dtype), inputs, mixed),
+    }
+    if compile_too:
+        configs["ours --compile"] = lambda: ours_step_fn(
+            build_model(arch, rank, device, dtype), inputs, mixed, True
+        )
+    times = interleaved(configs, device, repeats=3 if quick else 5, warmup=1 if quick else 3)
+    peaks = {name: peak_mb_of(make, device) for name, make in configs.items()} if cuda else {}
+    extra = {}
+    if cuda:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        step = ours_step_fn(build_model(arch, rank, device, dtype), inputs, mixed, False)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        extra["flops"] = float(counter.get_total_flops())
+        del step
+        extra["ckpt_b1_peak_mb"] = peak_mb_of(
+            lambda: ours_step_fn(
+                build_model(arch, rank, device, dtype, True), make_inputs(arch, 1, device), mixed, False
+            ),
+            device,
+        )
+    return {"times": times, "peaks": peaks, "arch": arch, "batch": batch, "dtype": str(dtype), **extra}
+
+
+def goals(device: str, quick: bool) -> list[dict]:
+    m = measure(torch.device(device), quick)
+    rows = [[name, statistics.median(t), min(t), m["peaks"].get(name)] for name, t in m["times"].items()]
+    plain = statistics.median(m["times"]["plain"])
+    best = min(
+        (n for n in m["times"] if n.startswith("ours")), key=lambda n: statistics.median(m["times"][n])
     )
-    seconds, peak = measure(step, device, args.warmup, args.steps)
-    del model, step
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"name": name, "s/step": seconds, "images/s": batch / seconds, "flops": flops,
-            "mfu": flops / seconds / H100_BF16_DENSE_FLOPS, "peak_mib": peak}  # fmt: skip
-
-
-def make_step_uncompiled(arch, args, device, batch):
-    model = build_model(arch, args.rank, list(range(4, 23)), device, False)
-    return ours_step_fn(model, make_inputs(arch, batch, device), device, compile_model=False)
+    rows.append([f"goal compares plain with: {best}", statistics.median(m["times"][best]), None, None])
+    target = 1.3 if device.startswith("cuda") else 1.15
+    return [
+        {
+            "name": "train-step",
+            "ratio": plain / statistics.median(m["times"][best]),
+            "op": ">=",
+            "target": target,
+            "rows": rows,
+        }
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tiny", action="store_true", help="tiny architecture (64 px) for a smoke run")
-    parser.add_argument("--batch-size", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile our transformer")
+    parser.add_argument("--device", default="cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="mid-size model (CPU goal)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--no-compile", action="store_true", help="skip the ours --compile row")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_fine_tune: no CUDA device here; run it on a GPU, or smoke-test with --device cpu --tiny")
+        print("bench_fine_tune: no CUDA device here; run it on a GPU, or use --device cpu --quick")
         return 2
     device = torch.device(args.device)
-    arch = TINY if args.tiny else SD3_MEDIUM
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    results = [
-        run(
-            "ours", lambda m, i: ours_step_fn(m, i, device, args.compile), arch, args, device, args.batch_size
-        ),
-        run("plain", lambda m, i: plain_step_fn(m, i, device), arch, args, device, args.batch_size),
-    ]
-    ckpt1 = run("ours b1 ckpt", lambda m, i: ours_step_fn(m, i, device, False), arch, args, device, 1, True)
-    side = arch["sample_size"] * 8
-    print(f"SD3 {'tiny' if args.tiny else 'medium'} architecture, {side} px, blocks 4-22, rank {args.rank}, "
-          f"batch {args.batch_size}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")  # fmt: skip
-    print(f"{'':14s}{'s/step':>10s}{'images/s':>10s}{'TFLOP/step':>12s}{'MFU':>8s}{'peak MiB':>11s}")
-    for r in [*results, ckpt1]:
-        print(f"{r['name']:14s}{r['s/step']:10.3f}{r['images/s']:10.2f}{r['flops'] / 1e12:12.2f}"
-              f"{100 * r['mfu']:7.1f}%{r['peak_mib']:11.0f}")  # fmt: skip
-    ours, plain = results
-    print(f"ours/plain: speed x{ours['images/s'] / plain['images/s']:.2f}, "
-          f"peak memory x{ours['peak_mib'] / plain['peak_mib']:.2f}")  # fmt: skip
+    m = measure(device, args.quick, args.batch_size, compile_too=not args.no_compile)
+    side = m["arch"]["sample_size"] * 8
+    print(f"SD3 {m['arch']['num_layers']} blocks, width {m['arch']['attention_head_dim'] * m['arch']['num_attention_heads']}, "
+          f"{side} px, blocks 4-22 rank 64, batch {m['batch']}, {m['dtype']}, device {device}")  # fmt: skip
+    print(f"{'':16s}{'median s':>10s}{'min s':>10s}{'peak MiB':>10s}")
+    for name, t in m["times"].items():
+        peak = m["peaks"].get(name)
+        print(f"{name:16s}{statistics.median(t):10.3f}{min(t):10.3f}{peak if peak else float('nan'):10.0f}")
+    plain = statistics.median(m["times"]["plain"])
+    for name, t in m["times"].items():
+        if name != "plain":
+            print(f"plain / {name}: {plain / statistics.median(t):.3f}x")
+    if "flops" in m:
+        ours = statistics.median(m["times"]["ours"])
+        print(f"ours MFU {100 * m['flops'] / ours / H100_BF16_DENSE_FLOPS:.1f}% ({m['flops'] / 1e12:.2f} TFLOP/step); "
+              f"batch 1 + gradient checkpointing peak {m['ckpt_b1_peak_mb']:.0f} MiB")  # fmt: skip
     return 0
 
 

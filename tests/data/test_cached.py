@@ -222,3 +222,73 @@ def test_edited_caption_without_reembedding_is_refused(world_copy):
         InputError, match="hq-00002: .*prompt_blip2.txt changed after .*compute-prompt-embeds 1"
     ):
         CachedLatentsDataset(world_copy["train"], world_copy["empty"])
+
+
+def test_noise_draw_runs_in_the_dataset_and_follows_the_sample_seed(world):
+    """The training noise and noise level come with the sample (drawn in the loader workers), from its seed."""
+    from sd3_lora_celeba.train.flow import NoiseDraw
+
+    draw = NoiseDraw("logit_normal", 3.0, logit_mean=-0.5)
+    dataset = CachedLatentsDataset(world["train"], world["empty"], noise_draw=draw)
+    sample = dataset[(3, 77)]
+    expected = draw(77, torch.Size((16, 8, 8)))
+    assert torch.equal(sample["noise"], expected["noise"]) and torch.equal(
+        sample["sigmas"], expected["sigmas"]
+    )
+    assert not torch.equal(dataset[(3, 78)]["noise"], sample["noise"])
+    items = [[(i, 100 + i)] for i in range(NUM_EXAMPLES)]
+    streams = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=items, num_workers=workers, collate_fn=collate
+        )
+        batches = list(loader)
+        assert batches[0]["sigmas"].shape == (1,) and batches[0]["noise"].shape == (1, 16, 8, 8)
+        streams.append(
+            torch.cat(
+                [torch.cat([b["noise"].flatten(), b["sigmas"], b["latents"].flatten()]) for b in batches]
+            )
+        )
+    assert torch.equal(streams[0], streams[1])
+
+
+def test_items_do_not_recheck_caches(world, monkeypatch):
+    """Fingerprints and caption hashes are checked once, when the dataset is built, not per sample."""
+    from sd3_lora_celeba.encode import latents as latent_cache
+    from sd3_lora_celeba.encode import prompts as prompt_cache
+
+    dataset = CachedLatentsDataset(world["train"], world["empty"], caption_dropout=0.5)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("re-checked a cache per sample")
+
+    monkeypatch.setattr(prompt_cache, "text_sha256", refuse)
+    monkeypatch.setattr(prompt_cache, "cached_text_hashes", refuse)
+    monkeypatch.setattr(latent_cache, "read_metadata", refuse)
+    for seed in range(12):
+        dataset[(seed % NUM_EXAMPLES, seed)]
+
+
+def test_embeddings_stay_in_their_storage_dtype(world_copy):
+    """float16 caches reach the batch as float16 (cast on the device), and mixed storage meets in float32."""
+    from sd3_lora_celeba.encode.prompts import ComputePromptEmbedsConfig, compute_prompt_embeds
+
+    for encoder in ("1", "2", "3"):
+        compute_prompt_embeds(
+            ComputePromptEmbedsConfig(
+                encoder=encoder,
+                dataset=world_copy["train"],
+                model_name=str(world_copy["model"]),
+                storage_dtype="float16",
+                overwrite=True,
+            )
+        )
+    dataset = CachedLatentsDataset(world_copy["train"], world_copy["empty"], caption_dropout=0.0)
+    half = collate([dataset[(0, 1)], dataset[(1, 2)]])
+    assert (
+        half["prompt_embeds"].dtype == torch.float16 and half["pooled_prompt_embeds"].dtype == torch.float16
+    )
+    assert half["latents"].dtype == torch.float32
+    dropped = CachedLatentsDataset(world_copy["train"], world_copy["empty"], caption_dropout=1.0)[(0, 1)]
+    assert dropped["prompt_embeds"].dtype == torch.float32  # the empty prompt was cached in float32
+    assert collate([dataset[(0, 1)], dropped])["prompt_embeds"].dtype == torch.float32

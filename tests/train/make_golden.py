@@ -1,8 +1,13 @@
 """Regenerate ``golden_losses.json``: ``python tests/train/make_golden.py`` from the repository root.
 
-Builds the tiny model and world in a temporary folder, runs the golden fine-tune (see ``train_helpers``) and
-writes its per-step losses. Run it only when a deliberate change alters the training numbers, and say why in the
-commit message.
+Builds the tiny model and world in a temporary folder, runs the golden fine-tune (see ``train_helpers``: 4 steps
+on captioned examples, so the joined CLIP-L + CLIP-G + T5 embeddings are pinned) and writes its per-step losses.
+
+When to regenerate: only when a deliberate change alters the training numbers: the tiny model or tokenizers
+(``sd3_lora_celeba.testing``), the seed derivation (``sd3_lora_celeba.seeding``), the flow maths or the data
+stream. Check first that the change is the only cause (e.g. run the golden command on the previous commit's
+training code against the new tiny world: the losses must agree bit for bit), then run this script and say in
+the commit message why the numbers moved.
 """
 
 from __future__ import annotations

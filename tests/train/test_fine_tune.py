@@ -110,6 +110,15 @@ def _lora(checkpoint: Path) -> dict:
     return load_file(str(checkpoint / layout.LORA_WEIGHTS))
 
 
+def _free_port() -> int:
+    """A free TCP port: the default 29500 may be taken by another DDP run on the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_accelerate_two_cpu_processes_match_one_process(golden_run, tiny_world, tiny_model, tmp_path):
     """2 processes x batch 1 see the same global batches as 1 process x batch 2: same losses (DDP over gloo).
 
@@ -122,6 +131,7 @@ def test_accelerate_two_cpu_processes_match_one_process(golden_run, tiny_world, 
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()),
          "-m", "sd3_lora_celeba.cli", "--quiet", *command],
         env={**subprocess_env(tiny_model), "ACCELERATE_USE_CPU": "1"},
         capture_output=True,
@@ -222,7 +232,20 @@ class _Cfg:
     [
         (["--lora-blocks", "4,30"], "block 30 does not exist"),
         (["--lora-layers", "to_x"], "no linear layer 'to_x'"),
-        (["--lora-rank", "0"], "--lora-rank must be at least 1"),
+        (["--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+        (["--learning-rate", "nan"], "--learning-rate"),
+        (["--learning-rate", "inf"], "--learning-rate"),
+        (["--learning-rate", "0"], "--learning-rate must be positive"),
+        (["--adam-beta1", "1.5"], "--adam-beta1 1.5: must be between"),
+        (["--caption-dropout", "1.5"], "--caption-dropout 1.5: must be between 0 and 1"),
+        (["--seed", "-1"], "--seed -1"),
+        (["--seed", str(2**32)], "--seed 4294967296"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: must be at least 0"),
+        (["--logit-std", "nan"], "--logit-std"),
+        (["--shift", "0"], "--shift must be positive"),
+        (["--checkpoints-total-limit", "0"], "--checkpoints-total-limit 0: must be at least 1"),
+        (["--validation-num-images", "0"], "--validation-num-images 0: must be at least 1"),
+        (["--allow-changed", "no-such-flag"], "--allow-changed no-such-flag: not an option"),
         (["--mixed-precision", "bf16"], "only applies with --amp"),
         (["--resume", "latest"], "no complete checkpoint"),
     ],

@@ -12,14 +12,17 @@ Joining follows ``StableDiffusion3Pipeline.encode_prompt``::
 
 Every random choice of a sample (flip, latent noise, caption variant, caption dropout) comes from a generator
 seeded with the sample seed of the item ``(index, sample_seed)``, so a sampler yielding such pairs makes the
-data stream reproducible whatever the worker count or loader order.
+data stream reproducible whatever the worker count or loader order. With a ``noise_draw`` (training), the
+sample's diffusion noise and noise level are drawn there too, in the loader workers.
+
+Every cache is checked once, when the dataset is built (model, sizes, variants, caption hashes); items then
+read only the tensors they need and keep the prompt embeddings in their storage dtype (cast on the device).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +31,15 @@ import torch
 from torch import Tensor
 
 from sd3_lora_celeba import layout
+from sd3_lora_celeba.data.records import read_attributes
 from sd3_lora_celeba.encode import latents as latent_cache
 from sd3_lora_celeba.encode import prompts as prompt_cache
 from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.layout import EMPTY_VARIANT
 
 log = logging.getLogger(__name__)
 
 ENCODERS = (1, 2, 3)
-EMPTY_VARIANT = "empty"
 
 
 _OVERWRITE_HINT = " (add --overwrite to redo the files made with other settings)"
@@ -160,6 +164,12 @@ def load_joined_prompt_embeds(
     )
     embeds = {i: info.tensors[prompt_cache.PROMPT_EMBEDS].float() for i, info in infos.items()}
     pooled = {i: infos[i].tensors[prompt_cache.POOLED_PROMPT_EMBEDS].float() for i in (1, 2)}
+    return join_prompt_embeds(embeds, pooled)
+
+
+def join_prompt_embeds(embeds: dict[int, Tensor], pooled: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
+    """Join the per-encoder embeddings ``{1: CLIP-L, 2: CLIP-G, 3: T5}`` and pooled ``{1, 2}`` as
+    ``encode_prompt`` does; keeps their dtype (the cache's storage dtype)."""
     clip_prompt_embeds = torch.cat([embeds[1], embeds[2]], dim=-1)  # (77, D_l + D_g)
     t5_prompt_embeds = embeds[3]  # (L, D_t5)
     clip_prompt_embeds = torch.nn.functional.pad(
@@ -170,21 +180,56 @@ def load_joined_prompt_embeds(
     return prompt_embeds, pooled_prompt_embeds
 
 
+def _read_joined_unchecked(example_dir: Path, variant: str) -> tuple[Tensor, Tensor]:
+    """The joined embeddings of a variant whose caches the dataset already checked: three opens, no metadata
+    parsing, no caption hashing; storage dtype."""
+    from safetensors import safe_open
+
+    embeds, pooled = {}, {}
+    for i in ENCODERS:
+        path = example_dir / layout.prompt_embeds_file(i)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                embeds[i] = f.get_tensor(prompt_cache.tensor_key(variant, prompt_cache.PROMPT_EMBEDS))
+                if i != 3:
+                    pooled[i] = f.get_tensor(
+                        prompt_cache.tensor_key(variant, prompt_cache.POOLED_PROMPT_EMBEDS)
+                    )
+        except Exception as exc:  # noqa: BLE001 - replaced or truncated while training
+            raise InputError(
+                f"{example_dir.name}: {path} became unreadable during training ({exc}); "
+                f"{_compute_prompts_fix(i, example_dir)}"
+            ) from None
+    return join_prompt_embeds(embeds, pooled)
+
+
 def _read_attributes(example_dir: Path) -> np.ndarray:
-    """The 40 CelebA attributes of ``example.json`` in release order; zeros when there is no record."""
-    path = example_dir / layout.EXAMPLE_RECORD
-    values = np.zeros(len(layout.ATTRIBUTES), dtype=bool)
-    if not path.is_file():
-        return values
-    try:
-        attributes = json.loads(path.read_text(encoding="utf-8")).get("attributes") or {}
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); re-run sd3 prepare-celeba-hq"
-        ) from None
-    for j, name in enumerate(layout.ATTRIBUTES):
-        values[j] = bool(attributes.get(name, False))
-    return values
+    """The 40 CelebA attributes of ``example.json`` (``records.read_attributes``) in release order; zeros
+    when there is no record."""
+    attributes = read_attributes(example_dir, missing_ok=True)
+    return np.array([attributes.get(name, False) for name in layout.ATTRIBUTES], dtype=bool)
+
+
+def _check_latent_caches(dirs: list[Path], model_name: str | None) -> dict[str, str]:
+    """Latent caches: present, same model / image size / factors everywhere; returns those settings."""
+    expect: dict[str, str] = {}
+    if model_name is not None:
+        expect["model_name"] = model_name
+    for d in dirs:
+        path = d / layout.LATENT_DIST
+        if not path.is_file():
+            raise InputError(f"{d.name}: {path} is missing; {_compute_latents_fix(d, False)}")
+        meta = latent_cache.read_metadata(path)
+        if meta.get("format") != latent_cache.FORMAT:
+            raise InputError(f"{d.name}: {path} is not a latent cache; {_compute_latents_fix(d)}")
+        for key in ("model_name", "model_revision", "image_size", "shift_factor", "scaling_factor"):
+            expect.setdefault(key, meta.get(key, ""))
+            if meta.get(key, "") != expect[key]:
+                raise InputError(
+                    f"{d.name}: {path} was made with {key}={meta.get(key)!r} but other caches (or the "
+                    f"requested model) use {expect[key]!r}; {_compute_latents_fix(d)}"
+                )
+    return expect
 
 
 class CachedLatentsDataset(torch.utils.data.Dataset):
@@ -210,6 +255,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         random_flip: bool = True,
         model_name: str | None = None,
         max_sequence_length: int | None = None,
+        noise_draw: Callable[[int, torch.Size], dict[str, Tensor]] | None = None,
     ) -> None:
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout {caption_dropout}: must be between 0 and 1")
@@ -241,25 +287,9 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         self.ids: list[str] = ids
         self.caption_dropout = float(caption_dropout)
         self.random_flip = bool(random_flip)
+        self.noise_draw = noise_draw
 
-        # Latent caches: present, same model / image size / factors everywhere.
-        expect: dict[str, str] = {}
-        if model_name is not None:
-            expect["model_name"] = model_name
-        for d in dirs:
-            path = d / layout.LATENT_DIST
-            if not path.is_file():
-                raise InputError(f"{d.name}: {path} is missing; {_compute_latents_fix(d, False)}")
-            meta = latent_cache.read_metadata(path)
-            if meta.get("format") != latent_cache.FORMAT:
-                raise InputError(f"{d.name}: {path} is not a latent cache; {_compute_latents_fix(d)}")
-            for key in ("model_name", "model_revision", "image_size", "shift_factor", "scaling_factor"):
-                expect.setdefault(key, meta.get(key, ""))
-                if meta.get(key, "") != expect[key]:
-                    raise InputError(
-                        f"{d.name}: {path} was made with {key}={meta.get(key)!r} but other caches (or the "
-                        f"requested model) use {expect[key]!r}; {_compute_latents_fix(d)}"
-                    )
+        expect = _check_latent_caches(dirs, model_name)
         self.model_name: str = expect["model_name"]
         self.model_revision: str = expect["model_revision"]
         self.image_size = int(expect["image_size"])
@@ -293,12 +323,9 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             model_revision=self.model_revision,
             max_sequence_length=self.max_sequence_length,
         )
-        self.empty_prompt_embeds, self.empty_pooled_prompt_embeds = load_joined_prompt_embeds(
-            empty_prompt_dir,
-            EMPTY_VARIANT,
-            model_name=self.model_name,
-            max_sequence_length=self.max_sequence_length,
-        )  # (77 + L, D), (P,)
+        self.empty_prompt_embeds, self.empty_pooled_prompt_embeds = _read_joined_unchecked(
+            empty_prompt_dir, EMPTY_VARIANT
+        )  # (77 + L, D), (P,), storage dtype
         self.empty_prompt_dir = empty_prompt_dir
         self.attributes: np.ndarray = np.stack([_read_attributes(d) for d in dirs])  # (N, 40) bool
         log.info(
@@ -340,31 +367,46 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             mean = f.get_tensor(prefix + "mean").float()  # (16, H/8, W/8)
             logvar = f.get_tensor(prefix + "logvar").float()
         eps = torch.randn(mean.shape, generator=generator)
-        latents = mean + torch.exp(0.5 * logvar) * eps  # a sample of the VAE posterior
-        latents = (latents - self.shift_factor) * self.scaling_factor  # what the transformer sees
+        latents = torch.addcmul(mean, logvar.mul_(0.5).exp_(), eps)  # a sample of the VAE posterior
+        latents.sub_(self.shift_factor).mul_(self.scaling_factor)  # what the transformer sees
 
         if dropped:
             variant = EMPTY_VARIANT
             prompt_embeds, pooled_prompt_embeds = self.empty_prompt_embeds, self.empty_pooled_prompt_embeds
         else:
-            prompt_embeds, pooled_prompt_embeds = load_joined_prompt_embeds(
-                example_dir, variant, model_name=self.model_name, max_sequence_length=self.max_sequence_length
-            )
-        return {
+            prompt_embeds, pooled_prompt_embeds = _read_joined_unchecked(example_dir, variant)
+        sample = {
             "id": self.ids[index],
-            "latents": latents,  # (16, H/8, W/8)
-            "prompt_embeds": prompt_embeds,  # (77 + L, D)
-            "pooled_prompt_embeds": pooled_prompt_embeds,  # (P,)
+            "latents": latents,  # (16, H/8, W/8) float32
+            "prompt_embeds": prompt_embeds,  # (77 + L, D), storage dtype
+            "pooled_prompt_embeds": pooled_prompt_embeds,  # (P,), storage dtype
             "variant": variant,
         }
+        if self.noise_draw is not None:
+            sample.update(self.noise_draw(int(sample_seed), latents.shape))  # noise, sigmas
+        return sample
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """Stack; caches stored in different dtypes (say a float32 empty prompt among float16 captions) meet in
+    float32."""
+    if any(t.dtype != tensors[0].dtype for t in tensors):
+        tensors = [t.float() for t in tensors]
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        # In a loader worker, stack straight into shared memory (as torch's default_collate does): the batch
+        # then reaches the main process without another copy.
+        first = tensors[0]
+        storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+        out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack a list of samples into a batch; ids and variants stay lists."""
-    return {
-        "id": [s["id"] for s in samples],
-        "latents": torch.stack([s["latents"] for s in samples]),  # (B, 16, H/8, W/8)
-        "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),  # (B, 77 + L, D)
-        "pooled_prompt_embeds": torch.stack([s["pooled_prompt_embeds"] for s in samples]),  # (B, P)
-        "variant": [s["variant"] for s in samples],
-    }
+    """Stack a list of samples into a batch; ids and variants stay lists. With a ``noise_draw``, the batch has
+    ``noise`` (B, 16, H/8, W/8) and ``sigmas`` (B,) as well."""
+    batch = {key: [s[key] for s in samples] for key in ("id", "variant")}
+    for key, value in samples[0].items():
+        if isinstance(value, Tensor):
+            batch[key] = _stack([s[key] for s in samples])  # latents, prompt_embeds, pooled, noise, sigmas
+    return batch

@@ -25,9 +25,12 @@ In both conventions the shift (applied after the density, Eq. 23) moves every sa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from sd3_lora_celeba.seeding import derive_seed
 
 WeightingScheme = Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"]
 DensityConvention = Literal["diffusers", "paper"]
@@ -134,3 +137,35 @@ def weighted_mse(model_pred: torch.Tensor, target: torch.Tensor, weighting: torc
 def sigma_histogram(sigmas: torch.Tensor, bins: int = 10) -> list[int]:
     """Counts of ``sigmas`` in ``bins`` equal bins over [0, 1]: what noise levels a step actually trained on."""
     return [int(c) for c in torch.histc(sigmas.detach().float().cpu(), bins=bins, min=0.0, max=1.0)]
+
+
+@dataclass(frozen=True)
+class NoiseDraw:
+    """Draws one training sample's diffusion noise and noise level from its sample seed.
+
+    The cached dataset calls it in ``__getitem__`` (so in the loader workers): a sample's noise depends on its
+    seed only, not on the batch it lands in, the process that reads it or whether the run was resumed.
+    Picklable, for worker processes.
+    """
+
+    weighting_scheme: str
+    shift: float
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    density_convention: str = "diffusers"
+
+    def __call__(self, sample_seed: int, latent_shape: torch.Size) -> dict[str, torch.Tensor]:
+        """``{"sigmas": () float32, "noise": latent_shape float32}``, drawn in this order from a generator of
+        its own, seeded from ``sample_seed`` (apart from the dataset's draws of the same sample)."""
+        generator = torch.Generator().manual_seed(derive_seed(sample_seed, "flow"))
+        u = sample_density(
+            self.weighting_scheme,
+            1,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            generator=generator,
+        )
+        sigmas = shift_sigmas(density_to_sigmas(u, self.density_convention), self.shift)
+        return {"sigmas": sigmas[0], "noise": torch.randn(tuple(latent_shape), generator=generator)}

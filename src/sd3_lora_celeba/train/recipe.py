@@ -1,15 +1,26 @@
 """``sd3 fine-tune``: LoRA fine-tuning of the SD3 transformer on cached latents and prompt embeddings.
 
-The whole training loop is :func:`fine_tune`, top to bottom; the helpers above it only build things. The maths
-lives in :mod:`sd3_lora_celeba.train.flow`, the data order in :mod:`~sd3_lora_celeba.train.sampler`, the saving
-in :mod:`~sd3_lora_celeba.train.checkpoint` and the logging in :mod:`~sd3_lora_celeba.train.tracking`.
+Read :func:`fine_tune` top to bottom: setup helpers build the pieces, :func:`train_step` is one optimizer step
+(forward, loss and backward of each micro-batch of the accumulation window: :func:`loss_step`), and the loop
+logs, checkpoints and validates. The maths lives in :mod:`sd3_lora_celeba.train.flow`, the data order in
+:mod:`~sd3_lora_celeba.train.sampler`, the saving and the training state in
+:mod:`~sd3_lora_celeba.train.checkpoint` and the logging in :mod:`~sd3_lora_celeba.train.tracking`.
 
-Run folder: ``--output-dir`` (default ``runs/fine-tune`` in the current folder, as the seed's ``checkpoints``).
-Re-running a command resumes the newest checkpoint there (``--resume auto``); a run that already reached
-``--num-training-steps`` does nothing; a checkpoint of another model or LoRA shape is refused.
+Run folder: ``--output-dir`` (default ``runs/fine-tune`` in the current folder, as the seed's ``checkpoints``),
+locked while a run uses it. Re-running a command resumes the newest checkpoint there (``--resume auto``); a run
+that already reached ``--num-training-steps`` does nothing; a checkpoint of another model or LoRA shape is
+refused, and so is any other change of an option that shapes the data or the maths, unless named in
+``--allow-changed``. ``--resume PATH`` to an older checkpoint moves the newer ones aside into
+``RUN/branches/<time>-from-step-N/`` with the old metrics.
 
-``--amp`` autocasts to ``--mixed-precision`` (``auto``: bf16 where the device supports it, else fp16 with a
-GradScaler). On a CPU-only machine ``auto`` means bf16 CPU autocast, so the seed's command runs unchanged (slowly).
+Precision: ``--precision auto`` stores the frozen transformer in bfloat16 on CUDA (float16 where the GPU has no
+bfloat16) and float32 on CPU; ``--amp`` defaults to on with CUDA (autocast to ``--mixed-precision``: auto = bf16,
+else fp16 with a GradScaler) and off on CPU, so CPU runs are float32 throughout unless ``--amp`` is given (then
+bf16 CPU autocast, the seed's command). LoRA weights and the optimizer state are always float32; TF32 matmuls
+are on with CUDA.
+
+Ctrl-C or SIGTERM: the current optimizer step is finished, a checkpoint written, one line says how to resume,
+and the exit code is 130 / 143; a second signal stops at once.
 
 Multi-GPU: ``accelerate launch [--multi_gpu] -m sd3_lora_celeba.cli fine-tune ...`` runs DDP; each process
 takes its slice of every global micro-batch (``--batch-size`` per process), so N processes give the same results
@@ -20,23 +31,28 @@ starts a single process (accelerate's simple launcher); ``ACCELERATE_USE_CPU=1 a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.config import argument, config_to_dict, option, save_config
-from sd3_lora_celeba.errors import InputError
-from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, torch_dtype
+from sd3_lora_celeba.config import argument, check_bounds, config_to_dict, option, save_config
+from sd3_lora_celeba.errors import InputError, Terminated
+from sd3_lora_celeba.io import output_lock
+from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, Precision, resolve_dtype
 from sd3_lora_celeba.models.lora import JOINT_ATTENTION_LINEARS
 from sd3_lora_celeba.train import checkpoint as ckpt
 from sd3_lora_celeba.train import flow
-from sd3_lora_celeba.train.sampler import ResumableBatchSampler, balanced_weights, derive_seed
+from sd3_lora_celeba.train.sampler import SEED_SCHEME, ResumableBatchSampler, balanced_weights
 from sd3_lora_celeba.train.tracking import Tracker, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +60,8 @@ log = logging.getLogger(__name__)
 LR_SCHEDULERS = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
+MODEL, LORA, OPTIM, FLOW = "Model and precision", "LoRA", "Optimisation", "Flow matching"
+DATA, CKPT, VALID = "Data", "Checkpoints and tracking", "Validation"
 
 
 @dataclass
@@ -54,140 +72,185 @@ class FineTuneConfig:
     empty_prompt_dir: Path = argument(
         "Folder with the cached embeddings of the empty prompt (caption dropout)."
     )
-    output_dir: Path = option(
-        Path("runs/fine-tune"), "Run folder: checkpoints, metrics.jsonl, TensorBoard logs."
+    # --- model and precision ---
+    model_name: str = option(
+        DEFAULT_SD3_MODEL, "SD3 diffusers model id or folder.", env=SD3_MODEL_ENV, group=MODEL
     )
-    resume: str = option(
+    model_revision: str | None = option(
+        None, "Hub revision (branch, tag or commit) of --model-name.", group=MODEL
+    )
+    precision: Precision = option(
         "auto",
-        "auto (newest checkpoint of --output-dir if any), latest (must exist), never (refuse a used folder), "
-        "or a checkpoint folder.",
+        "Storage dtype of the frozen transformer weights; auto = bfloat16 on CUDA, float32 on CPU "
+        "(LoRA weights and optimizer state are always float32).",
+        group=MODEL,
     )
-    model_name: str = option(DEFAULT_SD3_MODEL, "SD3 diffusers model id or folder.", env=SD3_MODEL_ENV)
-    model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
-    precision: Literal["float32", "float16", "bfloat16"] = option(
-        "float32", "Storage dtype of the frozen transformer weights (LoRA weights are always fp32)."
+    amp: bool | None = option(
+        None,
+        "Autocast the forward pass to --mixed-precision (default: on with CUDA, off on CPU).",
+        group=MODEL,
     )
-    amp: bool = option(False, "Automatic mixed precision (autocast) in the forward pass.")
     mixed_precision: Literal["auto", "bf16", "fp16"] = option(
         "auto",
-        "Autocast dtype with --amp; auto = bf16 where supported (CPU included), else fp16 + GradScaler.",
+        "Autocast dtype when --amp is on; auto = bf16 where supported (CPU included), else fp16 + GradScaler.",
+        group=MODEL,
     )
-    seed: int = option(0, "Seed of the LoRA init, the data order and every per-sample random draw.")
-    # --- LoRA ---
-    lora_blocks: tuple[int, ...] = option((), "Transformer blocks to adapt, e.g. 4,5,6 (default: all).")
-    lora_layers: str | None = option(
-        None,
-        f"Comma-separated attention linears to adapt (default: {','.join(JOINT_ATTENTION_LINEARS)}, plus "
-        "attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0 in SD3.5-medium's dual-attention blocks).",
-    )
-    lora_rank: int = option(64, "LoRA rank.")
-    lora_alpha: float | None = option(None, "LoRA alpha (scale = alpha / rank); default: the rank.")
-    # --- optimisation ---
-    learning_rate: float = option(1e-4, "AdamW learning rate (peak, after warmup).")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.999, "AdamW beta2.")
-    adam_weight_decay: float = option(1e-4, "AdamW weight decay.")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = option(1.0, "Clip the LoRA gradient norm to this value (0 = no clipping).")
-    num_training_steps: int = option(1000, "Optimizer steps to train for (in total, across resumes).")
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
-    batch_size: int = option(1, "Micro-batch size per process.")
-    lr_scheduler: LR_SCHEDULERS = option("constant", "diffusers learning-rate schedule.")
-    lr_warmup_steps: int = option(500, "Linear warmup steps of the learning rate.")
-    lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.")
-    lr_power: float = option(1.0, "Power of the polynomial schedule.")
+    compile: bool = option(False, "torch.compile each transformer block (regional compilation).", group=MODEL)
     gradient_checkpointing: bool = option(
-        False, "Recompute block activations in the backward pass (less memory)."
+        False, "Recompute block activations in the backward pass (less memory).", group=MODEL
     )
     quantize_base: bool = option(
         False,
         "Store the frozen transformer linears as int8 (torchao weight-only; pip install "
         "'sd3-lora-celeba[quant]'); the LoRA stays fp32.",
+        group=MODEL,
     )
-    compile: bool = option(False, "torch.compile the transformer.")
+    seed: int = option(
+        0, "Seed of the LoRA init, the data order and every per-sample random draw.", group=MODEL
+    )
+    # --- LoRA ---
+    lora_blocks: tuple[int, ...] = option(
+        (), "Transformer blocks to adapt, e.g. 4,5,6 (default: all).", group=LORA, min=0
+    )
+    lora_layers: str | None = option(
+        None,
+        f"Comma-separated attention linears to adapt (default: {','.join(JOINT_ATTENTION_LINEARS)}, plus "
+        "attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0 in SD3.5-medium's dual-attention blocks).",
+        group=LORA,
+    )
+    lora_rank: int = option(64, "LoRA rank.", group=LORA, min=1)
+    lora_alpha: float | None = option(
+        None, "LoRA alpha (scale = alpha / rank); default: the rank.", group=LORA
+    )
+    # --- optimisation ---
+    learning_rate: float = option(1e-4, "AdamW learning rate (peak, after warmup).", group=OPTIM)
+    adam_beta1: float = option(0.9, "AdamW beta1.", group=OPTIM, min=0, max=0.999999)
+    adam_beta2: float = option(0.999, "AdamW beta2.", group=OPTIM, min=0, max=0.999999)
+    adam_weight_decay: float = option(1e-4, "AdamW weight decay.", group=OPTIM, min=0)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.", group=OPTIM, min=0)
+    max_grad_norm: float = option(
+        1.0, "Clip the LoRA gradient norm to this value (0 = no clipping).", group=OPTIM, min=0
+    )
+    num_training_steps: int = option(
+        1000, "Optimizer steps to train for (in total, across resumes).", group=OPTIM, min=1
+    )
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", group=OPTIM, min=1)
+    batch_size: int = option(1, "Micro-batch size per process.", group=OPTIM, min=1)
+    lr_scheduler: LR_SCHEDULERS = option("constant", "diffusers learning-rate schedule.", group=OPTIM)
+    lr_warmup_steps: int = option(500, "Linear warmup steps of the learning rate.", group=OPTIM, min=0)
+    lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.", group=OPTIM, min=1)
+    lr_power: float = option(1.0, "Power of the polynomial schedule.", group=OPTIM, min=0)
+    max_nan_steps: int = option(
+        5, "Stop after this many consecutive steps with a non-finite loss.", group=OPTIM, min=1
+    )
     # --- flow matching ---
     weighting_scheme: flow.WeightingScheme = option(
         "logit_normal",
         "Timestep density (logit_normal, mode) or loss weight (sigma_sqrt, cosmap); none = uniform.",
+        group=FLOW,
     )
     logit_mean: float = option(
-        0.0, "Mean of logit_normal. With --density-convention diffusers, negative = more high-noise samples."
+        0.0,
+        "Mean of logit_normal. With --density-convention diffusers, negative = more high-noise samples.",
+        group=FLOW,
     )
-    logit_std: float = option(1.0, "Standard deviation of logit_normal.")
-    mode_scale: float = option(1.29, "Scale of the mode density (paper Eq. 20).")
+    logit_std: float = option(1.0, "Standard deviation of logit_normal.", group=FLOW)
+    mode_scale: float = option(
+        1.29, "Scale of the mode density (paper Eq. 20).", group=FLOW, min=-1, max=2 / (math.pi - 2)
+    )
     density_convention: flow.DensityConvention = option(
         "diffusers",
-        "How a density sample u becomes a noise level: diffusers = 1 - u (the seed, as diffusers' SD3 script); "
-        "paper = u (Esser et al.).",
+        "How a density sample u becomes a noise level: diffusers = 1 - u (diffusers' SD3 script, the "
+        "original project); paper = u (Esser et al.).",
+        group=FLOW,
     )
-    shift: float | None = option(None, "Timestep shift (paper Eq. 23); default: the model scheduler's (3.0).")
+    shift: float | None = option(
+        None, "Timestep shift (paper Eq. 23); default: the model scheduler's (3.0).", group=FLOW
+    )
     precondition_outputs: bool = option(
         True,
-        "Train the x0 estimate x_t - sigma * v against x0 (the seed); --no-precondition-outputs: velocity.",
+        "Train the x0 estimate x_t - sigma * v against x0 (the original project); "
+        "--no-precondition-outputs: velocity.",
+        group=FLOW,
     )
     # --- data ---
     caption_variants: str | None = option(
-        None, "Comma-separated caption variants to draw from (default: all cached)."
+        None, "Comma-separated caption variants to draw from (default: all cached).", group=DATA
     )
     caption_dropout: float = option(
-        0.2, "Probability of training on the empty prompt instead of the caption."
+        0.2, "Probability of training on the empty prompt instead of the caption.", group=DATA, min=0, max=1
     )
-    random_flip: bool = option(True, "Use the cached horizontally flipped latents half of the time.")
-    balance_attributes: bool = option(False, "Reweight examples so each CelebA attribute moves toward 50%.")
-    balance_max_weight: float = option(5.0, "Bound of --balance-attributes weights (relative to the mean).")
-    dataloader_num_workers: int = option(2, "DataLoader worker processes.")
+    random_flip: bool = option(
+        True, "Use the cached horizontally flipped latents half of the time.", group=DATA
+    )
+    balance_attributes: bool = option(
+        False, "Reweight examples so each CelebA attribute moves toward 50%.", group=DATA
+    )
+    balance_max_weight: float = option(
+        5.0, "Bound of --balance-attributes weights (relative to the mean).", group=DATA, min=1
+    )
+    dataloader_num_workers: int = option(2, "DataLoader worker processes.", group=DATA, min=0)
     # --- checkpoints and tracking ---
+    output_dir: Path = option(
+        Path("runs/fine-tune"), "Run folder: checkpoints, metrics.jsonl, TensorBoard logs.", group=CKPT
+    )
+    resume: str = option(
+        "auto",
+        "auto (newest checkpoint of --output-dir if any), latest (must exist), never (refuse a used folder), "
+        "or a checkpoint folder (an older one of this run moves the newer ones to RUN/branches/).",
+        group=CKPT,
+    )
+    allow_changed: str | None = option(
+        None,
+        "Comma-separated options that may differ from the resumed checkpoint's, e.g. "
+        "num-training-steps,learning-rate (other changes are refused).",
+        group=CKPT,
+    )
     checkpointing_steps: int = option(
-        500, "Save a checkpoint every N optimizer steps (and at the last step)."
+        500, "Save a checkpoint every N optimizer steps (and at the last step).", group=CKPT, min=1
     )
-    checkpoints_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
+    checkpoints_total_limit: int | None = option(
+        None, "Keep only the newest N checkpoints.", group=CKPT, min=1
+    )
     report_to: Literal["none", "tensorboard", "wandb"] = option(
-        "tensorboard", "Metrics backend besides metrics.jsonl (wandb needs the wandb package; never prompts)."
+        "tensorboard",
+        "Metrics backend besides metrics.jsonl (wandb needs the wandb package; never prompts).",
+        group=CKPT,
     )
-    wandb_project: str = option("sd3-lora", "W&B project with --report-to wandb.")
-    max_nan_steps: int = option(5, "Stop after this many consecutive steps with a non-finite loss.")
-    validation_fid_every: int = option(0, "Validation FID every N steps (0 = off).")
+    wandb_project: str = option("sd3-lora", "W&B project with --report-to wandb.", group=CKPT)
+    # --- validation ---
+    validation_fid_every: int = option(0, "Validation FID every N steps (0 = off).", group=VALID, min=0)
     validation_dir: Path | None = option(
-        None, "Split for validation FID (default: the 'val' folder next to TRAIN_DIR)."
+        None, "Split for validation FID (default: the 'val' folder next to TRAIN_DIR).", group=VALID
     )
-    validation_num_images: int = option(100, "Images generated for each validation FID.")
-    validation_guidance_scale: float = option(3.0, "Guidance scale of the validation images.")
+    validation_num_images: int = option(100, "Images generated for each validation FID.", group=VALID, min=1)
+    validation_guidance_scale: float = option(
+        3.0, "Guidance scale of the validation images.", group=VALID, min=0
+    )
     inception_weights: Path | None = option(
-        None, "Local pytorch-fid Inception weights for validation FID (offline)."
+        None, "Local pytorch-fid Inception weights for validation FID (offline).", group=VALID
     )
 
     def __post_init__(self) -> None:
-        positive = ("lora_rank", "num_training_steps", "gradient_accumulation_steps", "batch_size")
-        for name in (*positive, "checkpointing_steps", "max_nan_steps", "lr_num_cycles"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "dataloader_num_workers", "validation_fid_every", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"--caption-dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.logit_std <= 0:
-            raise ValueError(f"--logit-std must be positive, got {self.logit_std}")
-        if not -1 <= self.mode_scale <= 2 / (math.pi - 2):
-            raise ValueError(f"--mode-scale must be in [-1, {2 / (math.pi - 2):.3f}] for a valid density")
-        if self.shift is not None and self.shift <= 0:
-            raise ValueError(f"--shift must be positive, got {self.shift}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError("--checkpoints-total-limit must be at least 1 (or left unset to keep all)")
-        if self.balance_max_weight < 1:
-            raise ValueError(f"--balance-max-weight must be >= 1, got {self.balance_max_weight}")
-        if len(set(self.lora_blocks)) != len(self.lora_blocks) or any(b < 0 for b in self.lora_blocks):
-            raise ValueError(
-                f"--lora-blocks must list distinct non-negative block indices, got {self.lora_blocks}"
-            )
+        check_bounds(self)  # NaN, infinity and the min / max of every numeric option
+        for name in ("learning_rate", "logit_std", "adam_epsilon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("shift", "lora_alpha"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if len(set(self.lora_blocks)) != len(self.lora_blocks):
+            raise ValueError(f"--lora-blocks must list distinct block indices, got {self.lora_blocks}")
         if self.lora_layers is not None and not self.lora_layer_names:
             raise ValueError("--lora-layers is empty; name at least one layer, e.g. to_q,to_k")
-        if not self.amp and self.mixed_precision != "auto":
+        if self.amp is False and self.mixed_precision != "auto":
             raise ValueError("--mixed-precision only applies with --amp; add --amp or drop --mixed-precision")
+        known = {f.replace("_", "-") for f in config_to_dict(self)}
+        unknown = [a for a in self.allowed_changes if a not in known]
+        if unknown:
+            raise ValueError(
+                f"--allow-changed {unknown[0]}: not an option of fine-tune; name options like seed"
+            )
 
     @property
     def lora_layer_names(self) -> tuple[str, ...]:
@@ -201,82 +264,113 @@ class FineTuneConfig:
             return None
         return tuple(v.strip() for v in self.caption_variants.split(",") if v.strip())
 
+    @property
+    def allowed_changes(self) -> tuple[str, ...]:
+        return tuple(v.strip().removeprefix("--") for v in (self.allow_changed or "").split(",") if v.strip())
+
 
 # --- setup helpers ----------------------------------------------------------------------------------------------
 
 
+def resolve_precision(config: FineTuneConfig, device: torch.device) -> tuple[torch.dtype, str]:
+    """(storage dtype of the frozen weights, accelerate mixed precision ``no|bf16|fp16``) on ``device``."""
+    storage = resolve_dtype(config.precision, device)
+    amp = config.amp if config.amp is not None else device.type == "cuda"
+    if not amp:
+        if config.mixed_precision != "auto":
+            raise InputError("--mixed-precision only applies with --amp; add --amp or drop --mixed-precision")
+        return storage, "no"
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+    if mixed == "fp16" and device.type != "cuda":
+        raise InputError(
+            "--mixed-precision fp16 needs a CUDA device; use --mixed-precision bf16 (or auto) on CPU"
+        )
+    return storage, mixed
+
+
 def make_accelerator(config: FineTuneConfig):
-    """accelerate's Accelerator: device, DDP, autocast and (fp16) GradScaler."""
+    """accelerate's Accelerator (device, DDP, autocast, fp16 GradScaler) and the frozen weights' dtype."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import parse_flag_from_env
+
+    from sd3_lora_celeba.models.loading import enable_tf32
 
     # AcceleratorState is a process-wide singleton: forget the previous run's mixed precision so fine_tune can be
     # called twice in one Python process (notebooks, tests). The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    cuda = torch.cuda.is_available()
-    mixed = "no"
-    if config.amp:
-        mixed = config.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if (not cuda or torch.cuda.is_bf16_supported()) else "fp16"
-        if mixed == "fp16" and not cuda:
-            raise InputError(
-                "--mixed-precision fp16 needs a CUDA device; use --mixed-precision bf16 (or auto) on CPU"
-            )
-    return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed)
+    # The device type decides "auto", before the Accelerator exists (creating accelerate's PartialState first
+    # would set it up without the launcher's process group).
+    on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    storage, mixed = resolve_precision(config, torch.device("cpu" if on_cpu else "cuda"))
+    enable_tf32()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed
+    )
+    return accelerator, storage
 
 
-def build_dataset(config: FineTuneConfig):
-    """The cached training set and its collate function."""
-    from sd3_lora_celeba.data.cached import CachedLatentsDataset, collate
-
+def check_train_dir(config: FineTuneConfig) -> None:
     for path, flag in ((config.train_dir, "TRAIN_DIR"), (config.empty_prompt_dir, "EMPTY_PROMPT_DIR")):
         if not Path(path).is_dir():
             raise InputError(
                 f"{path}: {flag} folder not found; pass the training split and the empty-prompt folder"
             )
-    dataset = CachedLatentsDataset(
+    splits = [s for s in layout.SPLITS[1:] if (Path(config.train_dir) / s).is_dir()]
+    if splits:
+        raise InputError(
+            f"{config.train_dir}: TRAIN_DIR holds the {' and '.join(splits)} split(s) (it is the dataset root); "
+            f"pass {Path(config.train_dir) / layout.SPLITS[0]}"
+        )
+    if config.validation_fid_every and not validation_split(config).is_dir():
+        raise InputError(f"{validation_split(config)}: validation split not found; pass --validation-dir")
+
+
+def validation_split(config: FineTuneConfig) -> Path:
+    return config.validation_dir or Path(config.train_dir).parent / "val"
+
+
+def default_shift(config: FineTuneConfig) -> float:
+    """``--shift`` or the model scheduler's shift (3.0 for SD3-medium)."""
+    if config.shift is not None:
+        return config.shift
+    from sd3_lora_celeba.models.loading import load_scheduler
+
+    return float(load_scheduler(config.model_name, config.model_revision).config.shift)
+
+
+def build_dataset(config: FineTuneConfig, shift: float):
+    """The cached training set; each sample carries its diffusion noise and noise level (drawn in the workers)."""
+    from sd3_lora_celeba.data.cached import CachedLatentsDataset
+
+    noise_draw = flow.NoiseDraw(
+        config.weighting_scheme,
+        shift,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        density_convention=config.density_convention,
+    )
+    return CachedLatentsDataset(
         config.train_dir,
         config.empty_prompt_dir,
         variants=config.caption_variant_names,
         caption_dropout=config.caption_dropout,
         random_flip=config.random_flip,
         model_name=config.model_name,
+        noise_draw=noise_draw,
     )
-    return dataset, collate
 
 
-class WithSampleSeed(torch.utils.data.Dataset):
-    """Passes each ``(index, sample_seed)`` item through and keeps the seed, for the per-sample flow noise."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[dict, int]:
-        return self.dataset[item], item[1]
-
-
-class CollateWithSeeds:
-    """Collate dataset samples with the dataset's collate and add ``sample_seeds`` (B,) int64."""
-
-    def __init__(self, collate) -> None:
-        self.collate = collate
-
-    def __call__(self, items: list[tuple[dict, int]]) -> dict:
-        batch = self.collate([sample for sample, _ in items])
-        batch["sample_seeds"] = torch.tensor([seed for _, seed in items], dtype=torch.int64)
-        return batch
-
-
-def build_transformer(config: FineTuneConfig):
-    """Frozen SD3 transformer with a Gaussian-initialised, fp32 LoRA on the chosen blocks' attention linears."""
+def build_transformer(config: FineTuneConfig, dtype: torch.dtype = torch.float32):
+    """Frozen SD3 transformer (stored in ``dtype``) with a Gaussian-initialised, fp32 LoRA on the chosen blocks'
+    attention linears."""
     from sd3_lora_celeba.models.loading import load_transformer
     from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
 
-    transformer = load_transformer(config.model_name, config.model_revision, torch_dtype(config.precision))
+    transformer = load_transformer(config.model_name, config.model_revision, dtype)
     if config.quantize_base:  # before the LoRA: only the frozen linears become int8
         from sd3_lora_celeba.models.quantize import quantize_frozen_base
 
@@ -293,37 +387,21 @@ def build_transformer(config: FineTuneConfig):
     return transformer
 
 
-def default_shift(config: FineTuneConfig) -> float:
-    """``--shift`` or the model scheduler's shift (3.0 for SD3-medium)."""
-    if config.shift is not None:
-        return config.shift
-    from sd3_lora_celeba.models.loading import load_scheduler
-
-    return float(load_scheduler(config.model_name, config.model_revision).config.shift)
+def compile_blocks(transformer) -> None:
+    """Regional compilation: each transformer block on its own (identical blocks share compiled code)."""
+    for block in transformer.transformer_blocks:
+        block.compile()
 
 
-def draw_noise_and_sigmas(
-    sample_seeds: torch.Tensor, latent_shape: torch.Size, config: FineTuneConfig, shift: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample diffusion noise (B, 16, H/8, W/8) and noise levels (B,), each from its sample's seed.
-
-    Drawing from the sample seed (not a global RNG) makes a sample's noise independent of the batch it lands in,
-    the process that handles it and whether the run was resumed.
-    """
-    noise, sigmas = [], []
-    for seed in sample_seeds.tolist():
-        generator = torch.Generator().manual_seed(derive_seed(seed, 1))
-        u = flow.sample_density(
-            config.weighting_scheme,
-            1,
-            logit_mean=config.logit_mean,
-            logit_std=config.logit_std,
-            mode_scale=config.mode_scale,
-            generator=generator,
-        )
-        sigmas.append(flow.shift_sigmas(flow.density_to_sigmas(u, config.density_convention), shift))
-        noise.append(torch.randn(tuple(latent_shape[1:]), generator=generator))
-    return torch.stack(noise), torch.cat(sigmas)
+def build_optimizer(config: FineTuneConfig, params: list[torch.nn.Parameter], device: torch.device):
+    return torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+        fused=device.type == "cuda",
+    )
 
 
 def build_lr_scheduler(config: FineTuneConfig, optimizer):
@@ -339,6 +417,42 @@ def build_lr_scheduler(config: FineTuneConfig, optimizer):
     )
 
 
+def apply_optimizer_options(config: FineTuneConfig, optimizer, lr_scheduler) -> None:
+    """After loading a checkpoint's optimizer and schedule: this run's AdamW options and peak learning rate
+    (equal to the saved ones unless changed with --allow-changed), effective from the next step on."""
+    for group in optimizer.param_groups:
+        group.update(
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
+    if lr_scheduler.base_lrs != [config.learning_rate] * len(lr_scheduler.base_lrs):
+        lr_scheduler.base_lrs = [config.learning_rate] * len(lr_scheduler.base_lrs)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.learning_rate
+            group["lr"] = config.learning_rate * lr_scheduler.lr_lambdas[0](lr_scheduler.last_epoch)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes the step and checkpoints."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_loader(config: FineTuneConfig, dataset, sampler: ResumableBatchSampler, device: torch.device):
+    """Endless micro-batches of this process's slice of the seeded ``(index, sample_seed)`` stream."""
+    from sd3_lora_celeba.data.cached import collate
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=config.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_stop_signals if config.dataloader_num_workers else None,
+    )
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated CUDA memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -348,250 +462,385 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def validation_split(config: FineTuneConfig) -> Path:
-    return config.validation_dir or Path(config.train_dir).parent / "val"
+class StopSignals:
+    """SIGINT / SIGTERM set a flag the loop reads after each optimizer step; a second signal stops at once."""
+
+    EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.EXIT_CODES}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if (
+            self.signum is not None
+        ):  # the second signal: stop at once (the CLI prints one line, exits 130/143)
+            log.warning("second %s: stopping now, without a checkpoint", name)
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.signum = signum
+        log.warning("%s: finishing this optimizer step, then saving a checkpoint (again: stop at once)", name)
+
+    def requested(self, accelerator) -> bool:
+        """True when any process got a signal (all processes must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor(float(self.signum is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max"))
+
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_CODES.get(self.signum, 143)
 
 
-def check_validation_fid_available(config: FineTuneConfig) -> None:
-    if config.validation_fid_every == 0:
-        return
-    try:
-        import sd3_lora_celeba.evaluate.validation  # noqa: F401
-    except ModuleNotFoundError:
-        raise InputError(
-            "--validation-fid-every: validation FID is not available in this version; "
-            "use --validation-fid-every 0 and 'sd3 fid-vs-step' after training"
-        ) from None
-    if not validation_split(config).is_dir():
-        raise InputError(f"{validation_split(config)}: validation split not found; pass --validation-dir")
+# --- one training step ------------------------------------------------------------------------------------------
 
 
-# --- the training loop ------------------------------------------------------------------------------------------
+EMBEDDINGS = ("prompt_embeds", "pooled_prompt_embeds")
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The batch's tensors on ``device`` (non-blocking from pinned memory): the embeddings cast from their
+    storage dtype to ``dtype`` (the model's input dtype) there, latents, noise and noise levels in float32."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True).to(dtype if key in EMBEDDINGS else torch.float32)
+        out[key] = value
+    return out
+
+
+def loss_step(transformer, batch: dict, config: FineTuneConfig) -> torch.Tensor:
+    """Forward and loss of one micro-batch on the device: ``latents`` (B, 16, H/8, W/8), ``noise`` (same),
+    ``sigmas`` (B,), ``prompt_embeds`` (B, 77 + L, D), ``pooled_prompt_embeds`` (B, P). Returns the scalar loss
+    (float32; the flow maths stays float32, only the transformer's input takes the embeddings' dtype)."""
+    latents, noise, sigmas = batch["latents"], batch["noise"], batch["sigmas"]
+    noisy_latents = flow.add_noise(latents, noise, sigmas)
+    model_pred = transformer(
+        hidden_states=noisy_latents.to(batch["prompt_embeds"].dtype),
+        timestep=flow.sigmas_to_timesteps(sigmas),
+        encoder_hidden_states=batch["prompt_embeds"],
+        pooled_projections=batch["pooled_prompt_embeds"],
+        return_dict=False,
+    )[0]  # (B, 16, H/8, W/8), the predicted velocity
+    if config.precondition_outputs:
+        model_pred = flow.precondition_outputs(model_pred.float(), noisy_latents, sigmas)
+        target = latents
+    else:
+        target = flow.velocity_target(latents, noise)
+    return flow.weighted_mse(model_pred, target, flow.loss_weighting(config.weighting_scheme, sigmas))
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the accumulation window and all processes
+    grad_norm: float
+    skipped: bool
+    sigmas: torch.Tensor  # every noise level of the step, all processes
+
+
+def train_step(
+    transformer, optimizer, params, batches: Iterator[dict], config: FineTuneConfig, accelerator, dtype
+) -> StepResult:
+    """One optimizer step: forward, loss and backward of each micro-batch of the accumulation window, then clip
+    and step, unless the loss or the gradient is not finite. One host sync, at the end."""
+    device = accelerator.device
+    window_loss = torch.zeros((), device=device)
+    window_sigmas = []
+    for _ in range(config.gradient_accumulation_steps):
+        batch = to_device(next(batches), device, dtype)
+        with accelerator.accumulate(transformer):  # no DDP all-reduce until the window's last micro-batch
+            loss = loss_step(transformer, batch, config)
+            accelerator.backward(loss)  # divides by the accumulation steps; scales for fp16
+        window_loss += loss.detach()
+        window_sigmas.append(batch["sigmas"])
+    mean_loss = accelerator.reduce(window_loss, "mean") / config.gradient_accumulation_steps
+    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+    loss_value, norm_value = torch.stack([mean_loss.float(), torch.as_tensor(grad_norm).float()]).tolist()
+    if accelerator.scaler is not None:
+        optimizer.step()  # the GradScaler skips an overflowing step itself and lowers its scale
+        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+    else:
+        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        if not skipped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_value, norm_value, skipped, accelerator.gather(torch.cat(window_sigmas)))
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
 
 
 def fine_tune(config: FineTuneConfig) -> Path:
     """Train the LoRA; returns the final checkpoint folder. Resumable; see the module docstring."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    accelerator = make_accelerator(config)
-    device, is_main = accelerator.device, accelerator.is_main_process
+    accelerator, storage_dtype = make_accelerator(config)
     run_dir = Path(config.output_dir)
-    check_validation_fid_available(config)
+    lock = output_lock(run_dir, "sd3 fine-tune") if accelerator.is_main_process else contextlib.nullcontext()
+    with lock, StopSignals() as stop:
+        return _run(config, accelerator, storage_dtype, run_dir, stop)
+
+
+def _prepare_resume(config: FineTuneConfig, run_dir: Path, is_main: bool):
+    """(checkpoint to resume from or None, its training state or None), checked before anything is written."""
     if is_main:
         ckpt.remove_partial_checkpoints(run_dir)
     resume_from = ckpt.resolve_resume(config.resume, run_dir)
-    config_dict = config_to_dict(config)
-    if resume_from is not None:
-        ckpt.check_compatible(resume_from, config_dict)
+    if resume_from is None:
+        return None, None
+    ckpt.check_compatible(resume_from, config_to_dict(config), config.allowed_changes)
+    state = ckpt.load_training_state(resume_from)
+    ckpt.check_lora_file(resume_from)
+    return resume_from, state
 
-    # Model, optimizer, schedule. Seeding first makes the Gaussian LoRA init reproducible.
-    set_seed(config.seed)
-    dataset, collate = build_dataset(config)
-    transformer = build_transformer(config).to(device)
+
+@dataclass
+class Parts:
+    """What the setup built for the loop (plain fields, no behaviour)."""
+
+    transformer: Any
+    optimizer: Any
+    lr_scheduler: Any
+    params: list
+    dataset: Any
+    weights: torch.Tensor | None
+    stream: dict  # what fixes the data stream (checked on resume)
+    resolved: dict  # storage dtype, mixed precision, shift (checked on resume)
+    progress: ckpt.Progress
+    resume_from: Path | None
+
+
+def setup(config: FineTuneConfig, accelerator, storage_dtype: torch.dtype, resume_from, state) -> Parts:
+    """Data, model, optimizer and schedule, restored from ``state`` when resuming."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)  # first: makes the Gaussian LoRA init reproducible
     shift = default_shift(config)
+    dataset = build_dataset(config, shift)
+    weights = None
+    if config.balance_attributes:
+        weights = balanced_weights(dataset.attributes, max_weight=config.balance_max_weight)
+    stream = {
+        "seed": config.seed,
+        "balanced": weights is not None,
+        "num_examples": len(dataset),
+        "global_batch_size": config.batch_size * accelerator.num_processes,
+        "scheme": SEED_SCHEME,
+    }
+    resolved = {
+        "storage_dtype": str(storage_dtype).removeprefix("torch."),
+        "mixed_precision": accelerator.mixed_precision,
+        "shift": shift,
+    }
+    if state is not None:
+        ckpt.check_stream(resume_from, state, stream, resolved)
+    transformer = build_transformer(config, storage_dtype).to(accelerator.device)
     if config.compile:
-        transformer.compile()
-    lora_params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        lora_params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-        fused=device.type == "cuda",
-    )
+        compile_blocks(transformer)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config, params, accelerator.device)
     lr_scheduler = build_lr_scheduler(config, optimizer)
     # The lr scheduler stays unprepared: accelerate would step it once per process.
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    (log.info if is_main else log.debug)(
-        "LoRA rank %d on %d linears (%.2fM trainable parameters); shift %.3g; mixed precision %s; %d process(es)",
+    progress = ckpt.Progress()
+    if state is not None:
+        ckpt.load_lora_weights(accelerator.unwrap_model(transformer), resume_from)
+        progress = ckpt.restore_training_state(
+            state, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler
+        )
+        apply_optimizer_options(config, optimizer, lr_scheduler)
+        log.info("resumed from %s at step %d", resume_from, progress.step)
+    (log.info if accelerator.is_main_process else log.debug)(
+        "LoRA rank %d (%.2fM trainable parameters); shift %.3g; weights %s, mixed precision %s; %d process(es)",
         config.lora_rank,
-        sum(1 for n, _ in accelerator.unwrap_model(transformer).named_modules() if n.endswith(".lora_A")),
-        sum(p.numel() for p in lora_params) / 1e6,
+        sum(p.numel() for p in params) / 1e6,
         shift,
+        resolved["storage_dtype"],
         accelerator.mixed_precision,
         accelerator.num_processes,
     )
+    return Parts(
+        transformer,
+        optimizer,
+        lr_scheduler,
+        params,
+        dataset,
+        weights,
+        stream,
+        resolved,
+        progress,
+        resume_from,
+    )
 
-    # Resume: LoRA, optimizer, schedule, scaler, RNG, data position, step.
-    step, consumed, nan_streak = 0, 0, 0
-    if resume_from is not None:
-        state = ckpt.load_training_state(resume_from)
-        ckpt.load_lora_weights(accelerator.unwrap_model(transformer), resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and state.get("scaler") is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_states(state["rng"])
-        step, consumed, nan_streak = state["step"], state["consumed"], state["nan_streak"]
-        log.info("resumed from %s at step %d", resume_from, step)
-    if step >= config.num_training_steps:
-        log.info("%s: already trained to step %d; raise --num-training-steps to go on", run_dir, step)
+
+def _run(config: FineTuneConfig, accelerator, storage_dtype: torch.dtype, run_dir: Path, stop) -> Path:
+    check_train_dir(config)
+    resume_from, state = _prepare_resume(config, run_dir, accelerator.is_main_process)
+    parts = setup(config, accelerator, storage_dtype, resume_from, state)
+    if parts.progress.step >= config.num_training_steps:
+        log.info(
+            "%s: already trained to step %d; raise --num-training-steps to go on (add --allow-changed "
+            "num-training-steps when --lr-scheduler depends on it)",
+            run_dir,
+            parts.progress.step,
+        )
         return resume_from
-    if is_main:
-        truncate_metrics(run_dir, step)
+    if accelerator.is_main_process:
+        ckpt.branch_newer_checkpoints(run_dir, parts.progress.step)
+        truncate_metrics(run_dir, parts.progress.step)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / layout.RUN_CONFIG)
+    return train_loop(config, accelerator, parts, run_dir, stop)
 
-    # Data: an endless, seeded stream of (index, sample_seed); this process reads its slice of each micro-batch.
-    weights = (
-        balanced_weights(dataset.attributes, max_weight=config.balance_max_weight)
-        if config.balance_attributes
-        else None
-    )
+
+def train_loop(config: FineTuneConfig, accelerator, parts: Parts, run_dir: Path, stop: StopSignals) -> Path:
+    """Optimizer steps until ``--num-training-steps``: log, checkpoint, validate; stop cleanly on a signal."""
+    from tqdm.auto import tqdm
+
+    device, progress = accelerator.device, parts.progress
     sampler = ResumableBatchSampler(
-        len(dataset),
+        len(parts.dataset),
         config.batch_size,
         seed=config.seed,
-        weights=weights,
+        weights=parts.weights,
         num_processes=accelerator.num_processes,
         rank=accelerator.process_index,
-        start=consumed,
+        start=progress.consumed,
     )
-    loader = torch.utils.data.DataLoader(
-        WithSampleSeed(dataset),
-        batch_sampler=sampler,
-        collate_fn=CollateWithSeeds(collate),
-        num_workers=config.dataloader_num_workers,
-        pin_memory=device.type == "cuda",
+    batches = iter(build_loader(config, parts.dataset, sampler, device))
+    input_dtype = (
+        torch.float32
+        if accelerator.mixed_precision != "no"
+        else resolve_dtype(parts.resolved["storage_dtype"], device)
     )
-    batches = iter(loader)
     images_per_step = sampler.global_batch_size * config.gradient_accumulation_steps
-
-    tracker = Tracker(run_dir, config.report_to, config_dict, enabled=is_main, project=config.wandb_project)
-    progress = tqdm(
+    tracker = Tracker(
+        run_dir,
+        config.report_to,
+        config_to_dict(config),
+        enabled=accelerator.is_main_process,
+        project=config.wandb_project,
+        purge_step=progress.step + 1 if progress.step else None,
+    )
+    bar = tqdm(
         total=config.num_training_steps,
-        initial=step,
+        initial=progress.step,
         desc="fine-tune",
         unit="step",
-        disable=None if is_main else True,
+        disable=None if accelerator.is_main_process else True,
     )
-    transformer.train()
-    final_checkpoint = resume_from
-    while step < config.num_training_steps:
-        step_start = time.perf_counter()
-        window_loss = torch.zeros((), device=device)
-        window_sigmas = []
-        for _ in range(config.gradient_accumulation_steps):
-            batch = next(batches)
-            with accelerator.accumulate(transformer):  # no DDP all-reduce until the window's last micro-batch
-                latents = batch["latents"].to(device)  # (B, 16, H/8, W/8), already (z - shift) * scale
-                noise, sigmas = draw_noise_and_sigmas(batch["sample_seeds"], latents.shape, config, shift)
-                noise, sigmas = noise.to(device), sigmas.to(device)  # (B, 16, H/8, W/8), (B,)
-                noisy_latents = flow.add_noise(latents, noise, sigmas)
-                model_pred = transformer(
-                    hidden_states=noisy_latents,
-                    timestep=flow.sigmas_to_timesteps(sigmas),
-                    encoder_hidden_states=batch["prompt_embeds"].to(device),  # (B, 77 + L, D)
-                    pooled_projections=batch["pooled_prompt_embeds"].to(device),  # (B, P)
-                    return_dict=False,
-                )[0]  # (B, 16, H/8, W/8), the predicted velocity
-                if config.precondition_outputs:
-                    model_pred = flow.precondition_outputs(model_pred, noisy_latents, sigmas)
-                    target = latents
-                else:
-                    target = flow.velocity_target(latents, noise)
-                loss = flow.weighted_mse(
-                    model_pred, target, flow.loss_weighting(config.weighting_scheme, sigmas)
-                )
-                accelerator.backward(loss)  # divides by the accumulation steps; scales for fp16
-            window_loss += loss.detach()
-            window_sigmas.append(sigmas.detach())
-            consumed += sampler.global_batch_size
-
-        # End of the accumulation window: one optimizer step, unless the loss was not finite anywhere.
-        mean_loss = float(accelerator.reduce(window_loss, "mean")) / config.gradient_accumulation_steps
-        grad_norm = float("nan")
-        skipped = not math.isfinite(mean_loss)
-        if not skipped:
-            grad_norm = float(accelerator.clip_grad_norm_(lora_params, config.max_grad_norm or float("inf")))
-            if not math.isfinite(grad_norm) and accelerator.scaler is None:
-                skipped = True  # with fp16 the GradScaler skips overflowing steps itself
-            else:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = lr_scheduler.get_last_lr()[0]
-        lr_scheduler.step()
-        step += 1
-        nan_streak = nan_streak + 1 if skipped else 0
-        if skipped:
+    parts.transformer.train()
+    final_checkpoint = parts.resume_from
+    while progress.step < config.num_training_steps:
+        start = time.perf_counter()
+        result = train_step(
+            parts.transformer, parts.optimizer, parts.params, batches, config, accelerator, input_dtype
+        )
+        lr = parts.lr_scheduler.get_last_lr()[0]
+        parts.lr_scheduler.step()
+        progress.step += 1
+        progress.consumed += images_per_step
+        progress.nan_streak = progress.nan_streak + 1 if result.skipped else 0
+        if result.skipped:
             log.error(
-                "step %d: non-finite loss %s or grad norm %s; update skipped", step, mean_loss, grad_norm
+                "step %d: non-finite loss %s or grad norm %s; update skipped",
+                progress.step,
+                result.loss,
+                result.grad_norm,
             )
-
-        step_time = time.perf_counter() - step_start
-        sigmas_all = accelerator.gather(torch.cat(window_sigmas))
+        seconds = time.perf_counter() - start
         tracker.log(
             {
-                "step": step,
-                "loss": mean_loss,
+                "step": progress.step,
+                "loss": result.loss,
                 "lr": lr,
-                "grad_norm": grad_norm,
-                "sigma_hist": flow.sigma_histogram(sigmas_all),
-                "step_time_s": step_time,
-                "images_per_s": images_per_step / step_time,
+                "grad_norm": result.grad_norm,
+                "sigma_hist": flow.sigma_histogram(result.sigmas),
+                "step_time_s": seconds,
+                "images_per_s": images_per_step / seconds,
                 "peak_memory_mb": peak_memory_mb(device),
-                "shift": shift,
-                "epoch": sampler.epoch_of(consumed),
-                "skipped": skipped,
+                "shift": parts.resolved["shift"],
+                "epoch": sampler.epoch_of(progress.consumed),
+                "skipped": result.skipped,
             }
         )
-        progress.update()
-        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        if nan_streak >= config.max_nan_steps:
+        bar.update()
+        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
+        if progress.nan_streak >= config.max_nan_steps:
             tracker.close()
             raise RuntimeError(
-                f"step {step}: {nan_streak} consecutive non-finite steps; lower --learning-rate, try "
-                "--mixed-precision bf16, or resume from an earlier checkpoint"
+                f"step {progress.step}: {progress.nan_streak} consecutive non-finite steps; lower "
+                "--learning-rate, try --mixed-precision bf16, or resume from an earlier checkpoint with --resume PATH"
             )
-
-        if step % config.checkpointing_steps == 0 or step == config.num_training_steps:
-            accelerator.wait_for_everyone()
-            if is_main:
-                training_state = {
-                    "step": step,
-                    "consumed": consumed,
-                    "nan_streak": nan_streak,
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                    "rng": ckpt.rng_states(),
-                    "sampler": {"seed": config.seed, "consumed": consumed, "balanced": weights is not None},
-                }
-                final_checkpoint = ckpt.save_checkpoint(
-                    run_dir,
-                    step,
-                    transformer=accelerator.unwrap_model(transformer),
-                    training_state=training_state,
-                    config=config,
-                )
-                ckpt.prune_checkpoints(run_dir, config.checkpoints_total_limit)
-                log.info("step %d: saved %s", step, final_checkpoint)
-            accelerator.wait_for_everyone()
-
+        stopping = stop.requested(accelerator)
+        step = progress.step
+        if stopping or step % config.checkpointing_steps == 0 or step == config.num_training_steps:
+            final_checkpoint = save(config, accelerator, parts, run_dir)
+        if stopping:
+            bar.close()
+            tracker.close()
+            log.warning("stopped at step %d; saved %s; resume with the same command", step, final_checkpoint)
+            raise SystemExit(stop.exit_code)
         if config.validation_fid_every and step % config.validation_fid_every == 0:
-            # --- validation FID call site (module provided by the evaluate stage) ---
-            from sd3_lora_celeba.evaluate.validation import validation_fid
+            run_validation(config, accelerator, parts.transformer, run_dir, tracker, step)
 
-            if is_main:
-                fid = validation_fid(
-                    accelerator.unwrap_model(transformer),
-                    model_name=config.model_name,
-                    revision=config.model_revision,
-                    split_dir=validation_split(config),
-                    empty_prompt_dir=config.empty_prompt_dir,
-                    num_images=config.validation_num_images,
-                    guidance_scale=config.validation_guidance_scale,
-                    seed=config.seed,
-                    inception_weights=config.inception_weights,
-                    work_dir=run_dir / layout.VALIDATION_WORK_DIR,
-                )
-                tracker.log({"step": step, "validation_fid": fid})
-                log.info("step %d: validation FID %.2f", step, fid)
-            accelerator.wait_for_everyone()
-
-    progress.close()
+    bar.close()
     tracker.close()
     accelerator.end_training()
-    return layout.checkpoint_dir(run_dir, step) if final_checkpoint is None else final_checkpoint
+    return layout.checkpoint_dir(run_dir, progress.step) if final_checkpoint is None else final_checkpoint
+
+
+def save(config: FineTuneConfig, accelerator, parts: Parts, run_dir: Path) -> Path:
+    """Write ``checkpoint-<step>`` (main process) and prune old ones; every process waits for it."""
+    accelerator.wait_for_everyone()
+    step = parts.progress.step
+    path = layout.checkpoint_dir(run_dir, step)
+    if accelerator.is_main_process:
+        state = ckpt.build_training_state(
+            parts.progress,
+            optimizer=parts.optimizer,
+            lr_scheduler=parts.lr_scheduler,
+            scaler=accelerator.scaler,
+            sampler={**parts.stream, "consumed": parts.progress.consumed},
+            resolved=parts.resolved,
+        )
+        transformer = accelerator.unwrap_model(parts.transformer)
+        path = ckpt.save_checkpoint(
+            run_dir, step, transformer=transformer, training_state=state, config=config
+        )
+        ckpt.prune_checkpoints(run_dir, config.checkpoints_total_limit)
+        log.info("step %d: saved %s", step, path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def run_validation(
+    config: FineTuneConfig, accelerator, transformer, run_dir: Path, tracker, step: int
+) -> None:
+    """Validation FID of the current LoRA on the main process, logged to metrics.jsonl."""
+    from sd3_lora_celeba.evaluate.validation import validation_fid
+
+    if accelerator.is_main_process:
+        fid = validation_fid(
+            accelerator.unwrap_model(transformer),
+            model_name=config.model_name,
+            revision=config.model_revision,
+            split_dir=validation_split(config),
+            empty_prompt_dir=config.empty_prompt_dir,
+            num_images=config.validation_num_images,
+            guidance_scale=config.validation_guidance_scale,
+            seed=config.seed,
+            inception_weights=config.inception_weights,
+            work_dir=run_dir / layout.VALIDATION_WORK_DIR,
+        )
+        tracker.log({"step": step, "validation_fid": fid})
+        log.info("step %d: validation FID %.2f", step, fid)
+    accelerator.wait_for_everyone()

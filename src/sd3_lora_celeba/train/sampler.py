@@ -16,13 +16,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from sd3_lora_celeba.seeding import derive_seed
 
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (NumPy SeedSequence hashing: nearby keys give unrelated seeds)."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(
-        2, dtype=np.uint32
-    )
-    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
+# Recorded in checkpoints: a resumed run must derive the same stream (sd3_lora_celeba.seeding's sha256 scheme).
+SEED_SCHEME = "sha256-v1"
 
 
 def epoch_order(

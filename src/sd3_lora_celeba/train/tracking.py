@@ -7,7 +7,9 @@ Each optimizer step logs one JSON line::
 
 ``loss`` is the mean over the accumulation window and all processes; a step whose loss was not finite has
 ``"loss": null, "skipped": true``. On resume, lines after the resumed step (written before the kill, after the
-last checkpoint) are dropped so the file reads as one uninterrupted run.
+last checkpoint) are dropped so the file reads as one uninterrupted run (they are redone with the same values);
+TensorBoard gets ``purge_step`` for the same reason. Rewinding to an older checkpoint keeps the whole old file
+in the branch folder (see :func:`sd3_lora_celeba.train.checkpoint.branch_newer_checkpoints`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Tracker:
         *,
         enabled: bool,
         project: str = "sd3-lora",
+        purge_step: int | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / layout.METRICS
@@ -69,7 +72,11 @@ class Tracker:
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(Path(run_dir) / layout.TENSORBOARD_DIR))
+            # A resumed run redoes the steps after its checkpoint: purge_step drops the points the killed run
+            # had logged for them, so TensorBoard shows each step once.
+            self.tensorboard = SummaryWriter(
+                str(Path(run_dir) / layout.TENSORBOARD_DIR), purge_step=purge_step
+            )
         elif report_to == "wandb":
             self.wandb = _start_wandb(run_dir, project, config)
 
