@@ -85,3 +85,13 @@ def test_quiet_turns_progress_bars_off_before_the_stage_is_imported():
 def test_group_options_in_help():
     result = CliRunner().invoke(cli, ["--help"])
     assert "--verbose" in result.output and "--quiet" in result.output
+
+
+def test_out_of_memory_advice_names_real_options():
+    from sd3_lora_celeba.cli import OOM_ADVICE
+
+    for name, advice in OOM_ADVICE.items():
+        assert name in COMMANDS
+        help_text = CliRunner().invoke(cli, [name, "--help"]).output
+        for flag in re.findall(r"--[a-z0-9-]+", advice):
+            assert flag in help_text, f"{name}: {flag}"
