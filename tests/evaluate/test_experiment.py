@@ -274,3 +274,58 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
     changed = {**spec, "fine_tune": {**spec["fine_tune"], "learning_rate": 1e-2}}
     r = cli_run("experiment", _write(tmp_path / "exp.yaml", changed), env=env)
     assert r.exit_code == 2 and "learning_rate" in r.output
+
+
+def test_the_readme_experiment_file_is_the_original_experiment(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Reproducing the results", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    plan = E.load_plan(E.ExperimentConfig(_write(tmp_path / "original.yaml", yaml.safe_load(block))))
+    assert [r.name for r in plan.runs] == ["logit_mean=-0.5", "logit_mean=0.0", "logit_mean=0.5"]
+    assert [r.label for r in plan.runs][0] == "Fine-Tuned with $m = -0.5$"
+    base = plan.runs[0].config
+    assert base.lora_blocks == tuple(range(4, 23)) and base.num_training_steps == 6000 and base.amp
+    assert plan.runs[0].steps == tuple(range(500, 6001, 500))
+    assert plan.evaluation.caption_variants == ("blip2", "llama3")
+    assert plan.evaluation.guidance_scales == (1, 2, 3, 4, 5, 6, 7)
+    assert plan.out == tmp_path / "original"
+    points = set(E.table_points(plan) + E.step_points(plan) + E.guidance_points(plan, ["logit_mean=-0.5"]))
+    assert len(points) == 8 + 33 + 6  # as the README says
+
+
+def test_two_processes_train_together_and_share_the_scores(world, dataset, tmp_path):
+    """``accelerate launch`` with 2 CPU processes (DDP over gloo): both runs trained, the scores split."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "exp"
+    spec = {
+        "output_dir": str(out),
+        "fine_tune": _fine_tune(dataset),
+        "evaluation": _evaluation(dataset, world.inception_weights),
+    }
+    spec["fine_tune"]["batch_size"] = 1  # per process
+    spec["evaluation"].update(checkpoints="last", guidance_scales=[])  # three scores: the table
+    config = _write(tmp_path / "exp.yaml", spec)
+    env = {**os.environ, **world.env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "sd3_lora_celeba.cli", "--logging-style", "plain", "experiment", str(config)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("logit_mean=-0.5", "logit_mean=0.5"):
+        steps = [
+            layout.checkpoint_step(c)
+            for c in layout.list_checkpoints(out / layout.EXPERIMENT_RUNS_DIR / name)
+        ]
+        assert steps == [1, 2]
+    scores = R.load_scores(out)
+    assert len(scores) == 3
+    assert {tuple(s["process"]) for s in scores.values()} == {(0, 2), (1, 2)}
+    assert proc.stdout.count("| Pretrained") == 1  # the main process prints the table
+    assert (out / layout.RESULTS_MD).is_file() and (out / "fid_vs_step.svg").is_file()
+    assert not (out / "fid_vs_guidance.svg").exists()
+    assert json.loads((out / layout.EXPERIMENT_MANIFEST).read_text())["device"]["processes"] == 2

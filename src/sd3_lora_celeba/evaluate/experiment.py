@@ -115,7 +115,7 @@ class EvaluationSpec:
     height: int | None = option(None, "Image height in px; default the model's native size.")
     width: int | None = option(None, "Image width in px; default the model's native size.")
     batch_size: int = option(4, "Images per pipeline call.")
-    precision: G.GenPrecision = option("auto", "Generation dtype; auto = float16 on CUDA, float32 on CPU.")
+    precision: G.GenPrecision = option("auto", "Generation dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     dims: int = option(2048, "Inception feature size: 64, 192, 768 or 2048.")
     inception_weights: Path | None = option(None, "FID Inception weights file; default pytorch-fid's own.")
     fid_batch_size: int = option(50, "Images per Inception forward pass.")
@@ -451,14 +451,27 @@ def run_finished(run: Run) -> bool:
     )
 
 
-def _reconnect_processes():
-    """fine_tune ends with accelerate's ``end_training``, which destroys the process group: start a new one."""
-    import torch.distributed as dist
-    from accelerate.state import AcceleratorState, PartialState
+@contextlib.contextmanager
+def _keep_process_group():
+    """Keep the process group alive across fine_tune calls.
 
-    if PartialState().num_processes > 1 and not dist.is_initialized():
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return parallel.process_state()
+    fine_tune ends with accelerate's ``end_training``, which destroys the process group; starting a new one
+    between runs can hang (the new group reuses the old one's rendezvous keys). accelerate leaves the group
+    alone when it did not start the processes itself (``FORK_LAUNCHED``, which every ``PartialState()`` reads
+    again and which nothing else in accelerate reads): set it for the duration of one run only.
+    """
+    before = os.environ.get("FORK_LAUNCHED")
+    os.environ["FORK_LAUNCHED"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FORK_LAUNCHED", None)
+        else:
+            os.environ["FORK_LAUNCHED"] = before
+        from accelerate.state import PartialState
+
+        PartialState()  # re-read the flag: later destroy calls behave as before
 
 
 def train_runs(plan: Plan) -> None:
@@ -468,8 +481,8 @@ def train_runs(plan: Plan) -> None:
             log.info("run %d/%d %s: finished (step %d), skipped", i, len(plan.runs), run.name, run.final_step)
             continue
         log.info("run %d/%d %s: fine-tune to step %d", i, len(plan.runs), run.name, run.final_step)
-        fine_tune(run.config)
-        _reconnect_processes()
+        with _keep_process_group():
+            fine_tune(run.config)
 
 
 # --- scoring -------------------------------------------------------------------------------------------------
@@ -518,6 +531,8 @@ class Scorer:
         )
         self.sqrt_sigma_gt = sqrtm_psd(self.gt.sigma)
         self.dtype = G.resolve_precision(ev.precision, device)
+        state = parallel.process_state()
+        self.process_index, self.num_processes = state.process_index, state.num_processes
         self.pipe = None
         self.loaded: tuple[str, int] | None = None  # (run, step) of the LoRA in the pipeline
 
@@ -619,6 +634,7 @@ class Scorer:
             "kid": kid,
             "kid_std": kid_std,
             "lora_sha256": lora["sha256"] if lora else None,
+            "process": [self.process_index, self.num_processes],  # which process scored it, of how many
         }
         atomic_write_json(point.score_path(self.plan.out), score)
         return score
@@ -694,7 +710,6 @@ def experiment(config: ExperimentConfig) -> dict[str, Any]:
         if error:
             raise InputError(error)
         train_runs(plan)
-        state = parallel.process_state()
         if state.is_main_process:
             copy_example_images(examples, out / layout.GROUND_TRUTH_DIR)
             remove_stale_temp_files(out / layout.EXPERIMENT_SCORES_DIR)
