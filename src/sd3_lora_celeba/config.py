@@ -20,8 +20,9 @@ What :func:`option` can declare besides the default and the help text:
   refused at conversion, with the flag named), and an ``int`` field named ``seed`` or ``*_seed`` is bounded
   to ``0..2**32-1`` unless it declares its own bounds.
 - ``group="LoRA"``: the heading the option is listed under in ``--help``. Options without a group are listed
-  first under "Options"; groups follow in the order their first field is declared. Suggested headings:
-  ``"Model"``, ``"Data"``, ``"LoRA"``, ``"Optimisation"``, ``"Flow matching"``, ``"Checkpoints and tracking"``.
+  first under "Options"; groups follow in the order their first field is declared. Headings in use (keep
+  to them): ``"Model and precision"``, ``"LoRA"``, ``"Optimisation"``, ``"Flow matching"``, ``"Data"``,
+  ``"Checkpoints and tracking"``, ``"Validation"``.
 """
 
 from __future__ import annotations
