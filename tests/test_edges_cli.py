@@ -329,3 +329,16 @@ def test_plain_logs_have_no_library_progress_bars(monkeypatch, tiny_sd3, tmp_pat
     load_pipeline_without_text_encoders(str(tiny_sd3))
     assert not diffusers_logging.is_progress_bar_enabled()
     assert "Loading pipeline components" not in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_out_of_memory_is_one_line(run_cli, monkeypatch, dataset):
+    def stage(config):
+        torch.empty(2**50, dtype=torch.uint8, device="cuda")  # 1 PiB: more than any GPU has
+
+    import sd3_lora_celeba.encode.latents as latents
+
+    monkeypatch.setattr(latents, "compute_latent_dist", stage)
+    result = run_cli("compute-latent-dist", dataset)
+    assert result.exit_code == 2, result.output
+    one_line(result, "compute-latent-dist: out of GPU memory; lower --batch-size")

@@ -249,3 +249,14 @@ def test_the_tiny_model_loads_without_deprecation_warnings(tiny_sd3, recwarn):
     assert vae.dtype == torch.float16 and not vae.training
     assert encoder.dtype == torch.bfloat16 and not encoder.training and tokenizer is not None
     assert not [w for w in recwarn if "torch_dtype" in str(w.message)]
+
+
+@pytest.mark.gpu
+def test_on_a_real_gpu():
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert resolve_dtype("auto", resolve_device(None)) == expected
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+    loading.enable_tf32()
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
