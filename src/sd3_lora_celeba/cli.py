@@ -168,7 +168,7 @@ class LazyGroup(click.Group):
             if type(exc).__name__ != "OutOfMemoryError":
                 raise
             command = ctx.invoked_subcommand or "this command"
-            lower = OOM_ADVICE.get(command, "--batch-size")
+            lower = OOM_ADVICE.get(command, "the batch or image size")
             raise InputError(f"{command}: out of GPU memory; lower {lower}, or use a larger GPU") from None
         finally:
             LazyGroup._depth -= 1
