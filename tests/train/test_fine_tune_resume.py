@@ -171,6 +171,7 @@ def test_the_dataset_root_is_refused_as_train_dir(tiny_world, tiny_model, tmp_pa
     args = golden_command(tiny_world, tmp_path / "run")
     args[1] = str(root)
     one_line_error(run_cli(args, tiny_model), "TRAIN_DIR holds the val split", str(root / "train"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("damage", ["truncated-state", "garbage-state", "no-optimizer", "garbage-lora"])

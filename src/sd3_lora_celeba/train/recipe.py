@@ -387,10 +387,11 @@ def build_transformer(config: FineTuneConfig, dtype: torch.dtype = torch.float32
     return transformer
 
 
-def compile_blocks(transformer) -> None:
-    """Regional compilation: each transformer block on its own (identical blocks share compiled code)."""
+def compile_blocks(transformer, backend: str = "inductor") -> None:
+    """Regional compilation: each transformer block on its own (identical blocks share compiled code, so
+    compiling takes a few blocks' time, not the whole model's)."""
     for block in transformer.transformer_blocks:
-        block.compile()
+        block.compile(backend=backend)
 
 
 def build_optimizer(config: FineTuneConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -582,11 +583,17 @@ def train_step(
 
 def fine_tune(config: FineTuneConfig) -> Path:
     """Train the LoRA; returns the final checkpoint folder. Resumable; see the module docstring."""
+    check_train_dir(config)
     accelerator, storage_dtype = make_accelerator(config)
     run_dir = Path(config.output_dir)
+    new_folder = not run_dir.exists()
     lock = output_lock(run_dir, "sd3 fine-tune") if accelerator.is_main_process else contextlib.nullcontext()
-    with lock, StopSignals() as stop:
-        return _run(config, accelerator, storage_dtype, run_dir, stop)
+    try:
+        with lock, StopSignals() as stop:
+            return _run(config, accelerator, storage_dtype, run_dir, stop)
+    finally:
+        if new_folder and accelerator.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused before anything was written: leave no empty run folder behind
 
 
 def _prepare_resume(config: FineTuneConfig, run_dir: Path, is_main: bool):
@@ -682,7 +689,6 @@ def setup(config: FineTuneConfig, accelerator, storage_dtype: torch.dtype, resum
 
 
 def _run(config: FineTuneConfig, accelerator, storage_dtype: torch.dtype, run_dir: Path, stop) -> Path:
-    check_train_dir(config)
     resume_from, state = _prepare_resume(config, run_dir, accelerator.is_main_process)
     parts = setup(config, accelerator, storage_dtype, resume_from, state)
     if parts.progress.step >= config.num_training_steps:
