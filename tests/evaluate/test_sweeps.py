@@ -120,3 +120,31 @@ def test_readme_fid_section_runs_as_written(world, tmp_path, cli_run):
     for folder in (gt, tuned):
         with np.load(folder / "stats.npz") as a, np.load(folder / layout.FID_STATS) as b:
             assert np.allclose(a["mu"], b["mu"], atol=1e-6) and np.allclose(a["sigma"], b["sigma"], atol=1e-6)
+
+
+def test_fid_vs_guidance_takes_skip_layer_guidance_and_checks_it_against_the_model(world, tmp_path, cli_run):
+    import json
+
+    out = tmp_path / "slg"
+    slg = ["--skip-guidance-layers", "7,8", "--skip-layer-guidance-start", 0, "--skip-layer-guidance-stop", 1]
+    base = ["fid-vs-guidance", world.split, "--output-dir", out, "--guidance-scales", "1,4", *FAST]
+    r = cli_run(*base, *slg, env=world.env)
+    assert r.exit_code == 0, r.output
+    with_slg = json.loads((layout.guidance_images_dir(out, 4.0) / layout.GENERATION_SETTINGS).read_text())
+    without = json.loads((layout.guidance_images_dir(out, 1.0) / layout.GENERATION_SETTINGS).read_text())
+    assert with_slg["skip_guidance_layers"] == [7, 8] and "skip_guidance_layers" not in without  # no CFG at 1
+    assert json.loads((out / layout.SWEEP_SETTINGS).read_text())["skip_guidance_layers"] == [7, 8]
+    # A block the model does not have: one line, before any point is written.
+    bad_out = tmp_path / "bad"
+    r = cli_run(
+        "fid-vs-guidance",
+        world.split,
+        "--output-dir",
+        bad_out,
+        *FAST,
+        "--skip-guidance-layers",
+        24,
+        env=world.env,
+    )
+    assert r.exit_code == 2 and "--skip-guidance-layers 24" in r.output.strip().splitlines()[-1]
+    assert not list(bad_out.glob("guidance-*/*.png"))
