@@ -184,6 +184,29 @@ def _forbidden_identities(dst: Path, mapping: dict[int, str], identities: dict[s
     return forbidden
 
 
+def _check_options(config: PrepareCelebAConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """The options recorded in ``dataset.json``; refuse other result options than last time without
+    --overwrite (the folder may move between runs: what was kept or rejected depends only on these)."""
+    options = {
+        "celeba_dir": str(config.celeba),
+        "min_image_size": config.min_image_size,
+        "max_images": config.max_images,
+    }
+    old = info.get("celeba")
+    old_options = old.get("options", {}) if isinstance(old, dict) else {}
+    changed = [
+        f"{k} {old_options.get(k)!r} -> {options[k]!r}"
+        for k in RESULT_OPTIONS
+        if old_options.get(k) != options[k]
+    ]
+    if old is not None and changed and not config.overwrite:
+        raise InputError(
+            f"{Path(config.dst) / DATASET_INFO}: CelebA extras were prepared with other options "
+            f"({', '.join(changed)}); pass --overwrite to redo them"
+        )
+    return options
+
+
 def prepare_celeba(config: PrepareCelebAConfig) -> dict[str, Any]:
     """Add filtered, face-cropped CelebA images to ``DST/train``; return counts (kept, rejected, dropped)."""
     dst, celeba = Path(config.dst), Path(config.celeba)
@@ -223,24 +246,7 @@ def prepare_celeba(config: PrepareCelebAConfig) -> dict[str, Any]:
     if config.max_images is not None:
         candidates = candidates[: config.max_images]
 
-    options = {
-        "celeba_dir": str(celeba),
-        "min_image_size": config.min_image_size,
-        "max_images": config.max_images,
-    }
-    old = info.get("celeba")
-    old_options = old.get("options", {}) if isinstance(old, dict) else {}
-    # The folder may move between runs; what was kept or rejected depends only on these options.
-    changed = [
-        f"{k} {old_options.get(k)!r} -> {options[k]!r}"
-        for k in RESULT_OPTIONS
-        if old_options.get(k) != options[k]
-    ]
-    if old is not None and changed and not config.overwrite:
-        raise InputError(
-            f"{dst / DATASET_INFO}: CelebA extras were prepared with other options ({', '.join(changed)}); "
-            "pass --overwrite to redo them"
-        )
+    options = _check_options(config, info)
     image_dir = celeba / CELEBA_IMAGES
     missing = next(
         (image_dir / table.files[i] for i in candidates if not (image_dir / table.files[i]).is_file()), None
