@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import linalg
 
@@ -138,6 +139,13 @@ def test_bad_inputs_give_one_line_errors(world, tmp_path, cli_run):
     assert junk.exit_code == 2 and "junk.pth" in junk.output
     bad_dims = cli_run("fid", a, a, "--dims", 100)
     assert bad_dims.exit_code == 2 and "--dims" in bad_dims.output
+    if not torch.cuda.is_available():
+        no_cuda = cli_run("fid", a, a, "--device", "cuda", "--inception-weights", world.inception_weights)
+        assert (
+            no_cuda.exit_code == 2
+            and len(no_cuda.output.strip().splitlines()) == 1
+            and "--device" in no_cuda.output
+        )
 
 
 def test_copy_images_flat_resumable_and_symlinks(world, tmp_path, cli_run):
