@@ -172,3 +172,16 @@ def test_bad_input_is_a_one_line_error(tiny_env, tmp_path, make_dataset, args, m
     assert result.exit_code == 2
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image_is_one_line_naming_it(tiny_env, make_dataset, damage):
+    root = make_dataset({"train": 2})
+    image = sorted((root / "train").iterdir())[1] / layout.IMAGE
+    data = image.read_bytes()
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40 if damage == "garbage" else data[: len(data) // 3])
+    result = run_cli(str(root), "--batch-size", "1", "--max-new-tokens", "4")
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and f"{image}: cannot read image" in last
+    assert "Traceback" not in result.output

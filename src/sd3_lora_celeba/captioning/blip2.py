@@ -118,9 +118,12 @@ def _read_images(example_dirs: list[Path]) -> list:
         try:
             with Image.open(d / layout.IMAGE) as image:
                 images.append(to_rgb(image, d / layout.IMAGE))  # 16-bit scaled, not clipped to white
-        except OSError as exc:
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             raise InputError(
-                f"{d / layout.IMAGE}: cannot read image ({exc}); replace or delete the file"
+                f"{d / layout.IMAGE}: cannot read image ({exc}); replace it (sd3 prepare-celeba-hq rewrites "
+                "an example whose example.json is deleted)"
             ) from None
     return images
 
