@@ -307,9 +307,13 @@ def claim_output_folder(output_dir: Path, settings: dict[str, Any], overwrite: b
     record is written; the new images follow. Only the main process writes.
     """
     check_generation_settings(output_dir, settings, overwrite)
-    if not parallel.process_state().is_main_process:
-        return
-    out = Path(output_dir)
+    state = parallel.process_state()
+    if state.is_main_process:
+        _replace_outputs(Path(output_dir), settings, overwrite)
+    state.wait_for_everyone()  # no process lists what is done before the old images are gone
+
+
+def _replace_outputs(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = out / layout.GENERATION_SETTINGS
     if overwrite:
