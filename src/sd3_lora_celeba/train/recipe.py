@@ -568,8 +568,10 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
     loss_value, norm_value = torch.stack([mean_loss.float(), torch.as_tensor(grad_norm).float()]).tolist()
     if accelerator.scaler is not None:
-        optimizer.step()  # the GradScaler skips an overflowing step itself and lowers its scale
-        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        # fp16: the GradScaler skips a step whose gradients overflowed and lowers its scale (routine while the
+        # scale settles, so not counted as a non-finite step); only a non-finite loss is.
+        optimizer.step()
+        skipped = not math.isfinite(loss_value)
     else:
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if not skipped:
