@@ -240,7 +240,8 @@ def check_compatible(
         "lr_scheduler"
     ):
         ignore.add("num_training_steps")
-    changed = sorted(k for k in set(saved) | set(config) if k not in ignore and saved.get(k) != config.get(k))
+    # Options one side does not know (a checkpoint of an older version, an option since removed) are not compared.
+    changed = sorted(k for k in set(saved) & set(config) if k not in ignore and saved[k] != config[k])
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
         names = ",".join(k.replace("_", "-") for k in changed)
