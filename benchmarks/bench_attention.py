@@ -1,31 +1,41 @@
-"""Benchmark of the attention visualisation: capture overhead per denoising step, and joint NCUT time.
+"""Benchmark of the attention explorer: capture overhead per denoising step, the app's default capture, NCUT.
 
-One denoising step = one SD3 transformer call on a classifier-free-guidance batch of 2 ([uncond, cond]). The
-capture records every block (the worst case). Two transformer sizes:
+One denoising step = one SD3 transformer call on a classifier-free-guidance batch of 2 ([uncond, cond]), with a
+real-length prompt's text tokens kept (42 CLIP + 50 T5 of the 77 + 256 text positions), as the app does.
 
-* ``tiny``: the test model (64 px, 16 image + 333 text tokens);
-* ``mid``: a few MM-DiT blocks at SD3's 1024 px token count (64 x 64 = 4096 image + 77 CLIP + 256 T5 = 4429
-  tokens); ``--mid-heads 24`` gives SD3-medium's block width (1536), for a GPU.
+Goals (``goals(device, quick)``, read by ``benchmarks/run_all.py``):
 
-NCUT: random features of 3 images x 4429 tokens x ``--ncut-dim`` (1536, SD3-medium's width), joint fit; the
-eigenvectors and the t-SNE colouring are timed separately.
+* ``capture-one-block``: one block of 24 captured, per denoising step, over plain: target <= 1.10x;
+* ``capture-app-default``: a 28-step generation with the app's default capture set (4 middle blocks, every 4th
+  step, the last included) over plain generation: target <= 1.25x (composed from per-step medians, see goals()).
 
-    python benchmarks/bench_attention.py                 # CPU
-    python benchmarks/bench_attention.py --device cuda --mid-heads 24
+``quick`` (CPU): a mid-size model, 24 blocks, width 384 (6 heads x 64), 64 x 64 latents (1024 image tokens).
+Full size (``--device cuda``): SD3-medium's width 1536 (24 heads) at 1024 px (4096 image tokens), bf16.
+
+NCUT (printed by ``main``): random features of 3 images x 4429 tokens x 1536 dims, one joint fit; eigenvectors
+plus t-SNE colours are timed.
+
+    python benchmarks/bench_attention.py                 # CPU, quick
+    python benchmarks/bench_attention.py --device cuda   # full size
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import resource
 import statistics
 import time
 
 import torch
 
 from sd3_lora_celeba.visualize.capture import capture_attention
-from sd3_lora_celeba.visualize.ncut import ncut_colors, ncut_eigenvectors
+from sd3_lora_celeba.visualize.explorer import default_capture
+from sd3_lora_celeba.visualize.ncut import ncut_colors
 
 TEXT_TOKENS = 77 + 256
+KEPT = tuple(range(42)) + tuple(77 + j for j in range(50))  # a 35-word caption's real tokens
+APP_STEPS = 28  # the app's default denoising steps
 
 
 def _sync(device: torch.device) -> None:
@@ -33,91 +43,140 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    return _time_pair(fn, None, device, repeats)[0]
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time_pair(fn_a, fn_b, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn_a`` and ``fn_b``, run alternately so load changes on a shared machine hit both."""
-    fns = [f for f in (fn_a, fn_b) if f is not None]
-    times: list[list[float]] = [[] for _ in fns]
-    for f in fns:  # warm-up
-        f()
-    _sync(device)
+def _interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function, run in turn ``repeats`` times after one warm-up, gc between configurations."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
     for _ in range(repeats):
-        for i, f in enumerate(fns):
-            start = time.perf_counter()
-            f()
+        for name, fn in fns.items():
+            gc.collect()
             _sync(device)
-            times[i].append(time.perf_counter() - start)
-    medians = [statistics.median(t) for t in times]
-    return medians[0], medians[-1]
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
-def _transformer(kind: str, heads: int, layers: int, device: torch.device, dtype: torch.dtype):
+def _transformer(quick: bool, device: torch.device, dtype: torch.dtype):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    if kind == "tiny":
-        sample, heads, layers, joint = 8, 2, 24, 64
-    else:
-        sample, joint = 128, heads * 64  # latent 128 -> 64 x 64 patches = 4096 image tokens
+    heads, sample = (
+        (6, 64) if quick else (24, 128)
+    )  # width 384 / 1536; latents 64 / 128 -> 1024 / 4096 tokens
     model = SD3Transformer2DModel(
         sample_size=sample,
         patch_size=2,
         in_channels=16,
-        num_layers=layers,
-        attention_head_dim=64 if kind == "mid" else 16,
+        num_layers=24,
+        attention_head_dim=64,
         num_attention_heads=heads,
-        joint_attention_dim=joint,
-        caption_projection_dim=heads * (64 if kind == "mid" else 16),
-        pooled_projection_dim=48,
+        joint_attention_dim=heads * 64,
+        caption_projection_dim=heads * 64,
+        pooled_projection_dim=64,
         out_channels=16,
         pos_embed_max_size=sample,
     )
-    return model.to(device, dtype).eval(), sample, joint
+    return model.to(device, dtype).eval(), sample
 
 
-@torch.no_grad()
-def bench_capture(kind: str, heads: int, layers: int, device: torch.device, dtype: torch.dtype, repeats: int):
-    model, sample, joint = _transformer(kind, heads, layers, device, dtype)
+def _inputs(model, sample: int, device: torch.device, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(0)
-    inputs = {
+    width = model.config.joint_attention_dim
+    return {
         "hidden_states": torch.randn(2, 16, sample, sample, generator=g).to(device, dtype),
-        "encoder_hidden_states": torch.randn(2, TEXT_TOKENS, joint, generator=g).to(device, dtype),
-        "pooled_projections": torch.randn(2, 48, generator=g).to(device, dtype),
+        "encoder_hidden_states": torch.randn(2, TEXT_TOKENS, width, generator=g).to(device, dtype),
+        "pooled_projections": torch.randn(2, 64, generator=g).to(device, dtype),
         "timestep": torch.full((2,), 500.0, device=device),
     }
 
-    def step_off():
+
+def _rows(times: dict[str, list[float]], device: torch.device) -> list[list]:
+    peak = _peak_mb(device)
+    return [[name, statistics.median(t), min(t), round(peak, 1)] for name, t in times.items()]
+
+
+@torch.no_grad()
+def goals(device: str = "cpu", quick: bool = True) -> list[dict]:
+    """The attention goals, measured side by side with interleaved repeats.
+
+    Three kinds of denoising step are timed in turn: plain, one block captured, and the app's default blocks
+    captured. A default generation of ``APP_STEPS`` steps captures ``len(steps)`` of them, so its time is
+    ``APP_STEPS * plain + len(steps) * (captured - plain)``, composed from those medians (and mins).
+    """
+    dev = torch.device(device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    model, sample = _transformer(quick, dev, dtype)
+    inputs = _inputs(model, sample, dev, dtype)
+    repeats = 3 if quick else 5
+    blocks, steps = default_capture(len(model.transformer_blocks), APP_STEPS)
+
+    def plain_step():
         model(**inputs)
 
-    def step_on():
-        with capture_attention(model, cfg=True) as capture:
-            model(**inputs)
-        capture.maps()
+    def captured_step(chosen):
+        def run():
+            with capture_attention(model, blocks=chosen, cfg=True, kept_columns=KEPT) as capture:
+                model(**inputs)
+            capture.result()
 
-    off, on = _time_pair(step_off, step_on, device, repeats)
-    tokens = (sample // 2) ** 2 + TEXT_TOKENS
-    blocks = len(model.transformer_blocks)
-    width = model.config.num_attention_heads * model.config.attention_head_dim
-    return f"{kind} ({blocks} blocks, width {width}, {tokens} tokens)", off, on
+        return run
 
-
-def bench_ncut(device: str, dim: int, n_eig: int, repeats: int):
-    g = torch.Generator().manual_seed(0)
-    features = torch.randn(3, 4096 + TEXT_TOKENS, dim, generator=g)  # 3 images x 4429 tokens
-    dev = torch.device(device)
-    eig = _time(lambda: ncut_eigenvectors(features, n_eig=n_eig, seed=0, device=device), dev, repeats)
-    total = _time(
-        lambda: ncut_colors(
-            features.reshape(3, -1, dim)[:, :4096], (64, 64), n_eig=n_eig, seed=0, device=device
-        ),
+    default_label = f"app default blocks {','.join(map(str, blocks))} captured"
+    times = _interleaved(
+        {
+            "plain step": plain_step,
+            "1 of 24 blocks captured": captured_step([12]),
+            default_label: captured_step(blocks),
+        },
         dev,
-        max(1, repeats // 2),
+        repeats,
     )
-    return eig, total
+    rows = _rows(times, dev)
+    plain, one, default = rows
+    step_goal = {"name": "capture-one-block", "ratio": one[1] / plain[1], "op": "<=", "target": 1.10}
+    step_goal["rows"] = [plain, one]
+
+    def generation(row_plain, row_capture, index):
+        return APP_STEPS * row_plain[index] + len(steps) * (row_capture[index] - row_plain[index])
+
+    app_rows = [
+        [f"plain generation, {APP_STEPS} steps", APP_STEPS * plain[1], APP_STEPS * plain[2], plain[3]],
+        [
+            f"app default capture ({default_label}, {len(steps)} of {APP_STEPS} steps)",
+            generation(plain, default, 1),
+            generation(plain, default, 2),
+            default[3],
+        ],
+    ]
+    app_goal = {
+        "name": "capture-app-default",
+        "ratio": app_rows[1][1] / app_rows[0][1],
+        "op": "<=",
+        "target": 1.25,
+        "rows": app_rows,
+    }
+    return [step_goal, app_goal]
+
+
+def bench_ncut(device: str, dim: int = 1536, n_eig: int = 20, repeats: int = 2) -> float:
+    """Median seconds of joint NCUT eigenvectors + t-SNE colours of 3 x 4429 tokens."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 4096 + TEXT_TOKENS, dim, generator=g)
+    times = _interleaved(
+        {"ncut": lambda: ncut_colors(features, n_eig=n_eig, seed=0, device=device)},
+        torch.device(device),
+        repeats,
+    )
+    return statistics.median(times["ncut"])
 
 
 def main() -> None:
@@ -125,32 +184,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--mid-heads", type=int, default=4, help="heads (x 64 dims) of the mid-size model")
-    parser.add_argument("--mid-layers", type=int, default=2)
-    parser.add_argument("--ncut-dim", type=int, default=1536)
-    parser.add_argument("--n-eig", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-mid", action="store_true", help="only the tiny model (fast)")
+    parser.add_argument("--skip-ncut", action="store_true")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-
-    print(f"device {device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
-    rows = [bench_capture("tiny", 2, 24, device, dtype, 5 * args.repeats)]
-    if not args.skip_mid:
-        rows.append(bench_capture("mid", args.mid_heads, args.mid_layers, device, dtype, args.repeats))
-    print("\ncapture overhead per denoising step (CFG batch 2, every block captured)")
-    print(f"{'model':<48} {'off (ms)':>10} {'on (ms)':>10} {'ratio':>7}")
-    for name, off, on in rows:
-        print(f"{name:<48} {off * 1e3:>10.1f} {on * 1e3:>10.1f} {on / off:>7.2f}")
-
-    eig, total = bench_ncut(args.device, args.ncut_dim, args.n_eig, max(1, args.repeats - 1))
-    print(
-        f"\njoint NCUT, 3 x 4429 tokens x {args.ncut_dim} dims, {args.n_eig} eigenvectors, on {args.device}"
-    )
-    print(f"{'eigenvectors (s)':>18} {'eigenvectors + t-SNE colours, 3 x 4096 (s)':>44}")
-    print(f"{eig:>18.2f} {total:>44.2f}")
+    quick = args.device == "cpu"
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, quick {quick}")
+    for goal in goals(args.device, quick):
+        print(f"\n{goal['name']}")
+        for label, median, low, peak in goal["rows"]:
+            print(
+                f"  {label:<60} median {median * 1e3:9.1f} ms  min {low * 1e3:9.1f} ms  peak {peak:8.0f} MB"
+            )
+        met = goal["ratio"] <= goal["target"] if goal["op"] == "<=" else goal["ratio"] >= goal["target"]
+        print(
+            f"goal {goal['name']}: {goal['ratio']:.2f}x (target {goal['op']}{goal['target']}x) "
+            f"{'met' if met else 'not met'}"
+        )
+    if not args.skip_ncut:
+        seconds = bench_ncut(args.device)
+        print(f"\njoint NCUT eigenvectors + t-SNE colours, 3 x 4429 tokens x 1536 dims: {seconds:.2f} s")
 
 
 if __name__ == "__main__":

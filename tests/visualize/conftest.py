@@ -9,6 +9,8 @@ import torch
 
 from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
 
+MAX_SEQ = 64  # T5 positions of the shared explorer: a 35-word caption is about 50 T5 tokens
+
 
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory) -> Path:
@@ -74,15 +76,27 @@ def bad_lora_dir(lora_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def explorer(tiny_sd3_path, lora_dirs, bad_lora_dir, tmp_path_factory):
-    """The app engine on the tiny model: two good LoRAs, one that does not fit and one missing folder."""
+def corrupt_lora_dir(lora_dirs, tmp_path_factory):
+    """A LoRA whose weights file was cut short (an interrupted copy)."""
+    from sd3_lora_celeba import layout
+
+    folder = tmp_path_factory.mktemp("corrupt") / "checkpoint-000040"
+    folder.mkdir()
+    data = (lora_dirs[0] / layout.LORA_WEIGHTS).read_bytes()
+    (folder / layout.LORA_WEIGHTS).write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def explorer(tiny_sd3_path, lora_dirs, bad_lora_dir, corrupt_lora_dir, tmp_path_factory):
+    """The app engine on the tiny model: two good LoRAs, one that does not fit, a corrupt one, a missing one."""
     from sd3_lora_celeba.visualize.app import VisualizeConfig, load_explorer
 
     missing = tmp_path_factory.mktemp("missing") / "checkpoint-none"
     config = VisualizeConfig(
-        lora_weight_dir=(lora_dirs[0], bad_lora_dir, missing, lora_dirs[1]),
+        lora_weight_dir=(lora_dirs[0], bad_lora_dir, corrupt_lora_dir, missing, lora_dirs[1]),
         model_name=str(tiny_sd3_path),
         device="cpu",
-        max_sequence_length=32,
+        max_sequence_length=MAX_SEQ,
     )
     return load_explorer(config)

@@ -1,6 +1,10 @@
-"""The app's engine and callbacks on the tiny SD3, without a browser: generation, errors, figures, CLI."""
+"""The app's engine and callbacks on the tiny SD3, without a browser: capture once, explore after, errors, export."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,115 +13,199 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sd3_lora_celeba.cli import cli
+from sd3_lora_celeba.testing.tokenizers import EXAMPLE_CAPTION
+from sd3_lora_celeba.visualize import app as app_module
 from sd3_lora_celeba.visualize.app import (
     VisualizeConfig,
+    export_callback,
     generate_callback,
     ncut_callback,
     patch_callback,
-    token_callback,
+    render,
+    show_callback,
+    word_callback,
 )
-from sd3_lora_celeba.visualize.explorer import parse_indices
-from sd3_lora_celeba.visualize.figures import locate_patch, lora_norm_plot, side_by_side
+from sd3_lora_celeba.visualize.explorer import default_capture, entropy, parse_indices, words_of
+from sd3_lora_celeba.visualize.figures import DISPLAY_MIN_SIDE, locate_patch, lora_norm_plot
 
 PROMPT = "a photo of a smiling woman with blond hair"
-MAX_SEQ = 32  # T5 positions of the shared explorer (conftest)
 
 
 @pytest.fixture(scope="module")
-def generation(explorer):
-    generation, row, choices, order, message = generate_callback(explorer, PROMPT, 7, 2, 4.0, "", "")
-    assert generation is not None, message
-    return generation
+def session(explorer):
+    """One capture of the real-length caption and a second prompt, all blocks at steps 0 and 1."""
+    session, message = generate_callback(explorer, EXAMPLE_CAPTION + "\n" + PROMPT, 7, 2, 4.0, "all", "0-1")
+    assert session is not None, message
+    return session
 
 
-def test_bad_lora_folders_are_reported_and_skipped(explorer, lora_dirs, bad_lora_dir):
+def test_bad_and_corrupt_lora_folders_are_reported_and_skipped(explorer, bad_lora_dir, corrupt_lora_dir):
     assert explorer.model_names == ["base", "checkpoint-000010", "checkpoint-000020"]
-    assert len(explorer.errors) == 2
-    assert str(bad_lora_dir) in explorer.errors[0] and "does not fit" in explorer.errors[0]
-    assert "checkpoint-none" in explorer.errors[1] and "not found" in explorer.errors[1]
+    assert len(explorer.errors) == 3
+    # The first mismatching key and both shapes are named.
+    assert str(bad_lora_dir) in explorer.errors[0] and "does not fit this model" in explorer.errors[0]
+    assert "lora_A.weight has shape [2, 35], the model needs [2, 32]" in explorer.errors[0]
+    assert str(corrupt_lora_dir) in explorer.errors[1] and "corrupt or truncated" in explorer.errors[1]
+    assert "checkpoint-none" in explorer.errors[2] and "not found" in explorer.errors[2]
     assert sorted(explorer.norms["checkpoint-000010"]) == [2, 3, 4]
     assert explorer.pipe.get_list_adapters()["transformer"] == ["lora_0", "lora_1"]
 
 
-def test_generation_same_seed_base_matches_plain_pipeline(explorer, generation, tiny_pipe):
-    assert generation.names == ["base", "checkpoint-000010", "checkpoint-000020"]
-    assert len(generation.images) == 3 and len(generation.maps) == 3
-    base, lora_a, lora_b = (np.asarray(im, dtype=np.int16) for im in generation.images)
-    # The base image is what the untouched pipeline gives for this prompt and seed.
+def test_generation_same_seed_base_matches_plain_pipeline(explorer, session, tiny_pipe):
+    g = session.generation
+    assert g.names == ["base", "checkpoint-000010", "checkpoint-000020"]
+    assert len(g.prompts) == 2 and all(len(p.images) == 3 for p in g.prompts)
     plain = tiny_pipe(
         PROMPT,
         num_inference_steps=2,
         guidance_scale=4.0,
-        max_sequence_length=MAX_SEQ,
         generator=torch.Generator().manual_seed(7),
+        max_sequence_length=64,
     ).images[0]
-    np.testing.assert_array_equal(base, np.asarray(plain, dtype=np.int16))
-    # The LoRAs change the image, and the pipeline is back to the base model afterwards.
-    assert np.abs(base - lora_a).max() > 0 and np.abs(base - lora_b).max() > 0
-    assert not torch.equal(generation.maps[0].image_to_text, generation.maps[1].image_to_text)
-    again = explorer.generate(PROMPT, 7, 2, 4.0)
-    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(generation.images[0]))
-    np.testing.assert_array_equal(np.asarray(again.images[2]), np.asarray(generation.images[2]))
+    base, lora = (np.asarray(g.prompts[1].images[i], dtype=np.int16) for i in (0, 1))
+    np.testing.assert_array_equal(base, np.asarray(plain, dtype=np.int16))  # capture changes nothing
+    assert np.abs(base - lora).max() > 0
+    assert g.blocks == tuple(range(24)) and g.steps == (0, 1)
 
 
-def test_tokens_are_labelled_with_their_columns(generation):
-    clip = [t for t in generation.tokens if t.encoder == "CLIP"]
-    t5 = [t for t in generation.tokens if t.encoder == "T5"]
-    assert [t.column for t in clip] == list(range(len(clip)))
-    assert clip[0].text == "<|startoftext|>" and clip[-1].text == "<|endoftext|>"
-    assert "smiling" in [t.text for t in clip] and any("smil" in t.text for t in t5)
-    assert t5[0].column == 77 and t5[-1].text == "</s>"
+def test_words_merge_sub_tokens(session):
+    words = session.generation.prompts[0].words
+    clip = [w for w in words if w.encoder == "CLIP"]
+    t5 = [w for w in words if w.encoder == "T5"]
+    # 35 words and their punctuation in each row; CLIP keeps words whole, T5 merges split ones.
+    assert [w.text for w in clip][:4] == ["the", "image", "shows", "a"]
+    assert len(clip) == len(t5) == 35 + 6
+    eyebrows = next(w for w in t5 if w.text == "eyebrows")
+    assert len(eyebrows.columns) == 2 and eyebrows.columns[0] >= 77
+    assert [w.text for w in t5][:3] == ["The", "image", "shows"]
+    assert words_of(["<|startoftext|>", "a</w>", "sm", "iling</w>", "<|endoftext|>"], "CLIP", 0)[
+        1
+    ].columns == (2, 3)
+
+
+def test_explore_words_patches_blocks_and_steps_without_regenerating(session, explorer, monkeypatch):
+    monkeypatch.setattr(explorer, "generate", lambda *a, **k: pytest.fail("regenerated"))
+    g = session.generation
+    words = g.prompts[0].words
+    smiling = next(i for i, w in enumerate(words) if w.text == "smiling" and w.encoder == "CLIP")
+    woman = next(i for i, w in enumerate(words) if w.text == "woman" and w.encoder == "T5")
+    assert "Heatmap of 'smiling' (CLIP)" in _text(word_callback(session, f"{smiling}:1", False))
+    view, scale, rows, diff, table = render(session)
+    side = DISPLAY_MIN_SIDE  # 64 px images enlarged 8x, so the page can scale them to its width
+    assert isinstance(view, Image.Image) and view.size == (3 * side + 2 * 4, side)
+    assert f'data-word="{smiling}"' in rows and "selected" in rows and rows.count("word-row") == 2
+    assert isinstance(diff, Image.Image) and table.count("| checkpoint-") == 2
+    single = g.word_maps(0, [smiling])
+    # Shift-click adds a word: the map of both is the sum of their maps.
+    word_callback(session, f"+{woman}:2", False)
+    assert session.words == [smiling, woman]
+    np.testing.assert_allclose(g.word_maps(0, session.words), single + g.word_maps(0, [woman]), rtol=1e-5)
+
+    # Other blocks/steps/direction: means over the stored maps.
+    assert "Showing blocks 3-4, steps 1" in _text(show_callback(session, "3-4", "1", "text -> image", 0))
+    late = g.word_maps(0, [smiling], "text_to_image", blocks=(3, 4), steps=(1,))
+    view_late = render(session)[0]
+    assert not np.array_equal(np.asarray(view_late), np.asarray(view))
+    assert not np.allclose(late, g.word_maps(0, [smiling], "text_to_image", blocks=(10,), steps=(0,)))
+    assert "Error" in show_callback(session, "0-10000000", "", "image -> text", 0)  # bounded before any range
+
+    # A click on a patch marks it and tints the words by the attention it pays.
+    assert locate_patch(g, side + 4 + 1, 0) == (1, 0, 0)
+    assert locate_patch(g, 3 * side + 8 - 1, side - 1) == (2, 3, 3)
+    message = _text(patch_callback(session, side + 4 + side // 4 + 3, side - 1))
+    assert "row 3, column 1" in message and "checkpoint-000010" in message
+    rows_patch = render(session)[2]
+    assert rows_patch != rows
+    show_callback(session, "", "", "image -> text", 0)
+
+
+def test_entropy_and_parse_indices():
+    assert entropy(np.ones((4, 4))) == pytest.approx(1.0)
+    one = np.zeros((4, 4))
+    one[1, 2] = 1
+    assert entropy(one) == 0.0
+    assert parse_indices("0-2, 5", 24, "blocks") == (0, 1, 2, 5)
+    assert parse_indices(" all ", 24, "blocks") is None
+    with pytest.raises(ValueError, match="0-10000000 out of range; choose indices in 0..23"):
+        parse_indices("0-10000000", 24, "blocks")
+    with pytest.raises(ValueError, match="3-1 out of range"):
+        parse_indices("3-1", 24, "blocks")
+    blocks, steps = default_capture(24, 28)
+    assert len(blocks) == 4 and all(6 <= b <= 17 for b in blocks) and steps[-1] == 27 and len(steps) == 7
 
 
 @pytest.mark.parametrize(
-    ("prompt", "blocks", "steps", "expected"),
+    ("prompt", "seed", "blocks", "steps", "expected"),
     [
-        ("", "", "", "the prompt is empty"),
-        ("   ", "", "", "the prompt is empty"),
-        (" ".join(["smiling"] * 80), "", "", "82 CLIP tokens long; the limit is 77"),
-        (PROMPT, "30", "", "blocks: [30] out of range; choose indices in 0..23"),
-        (PROMPT, "x-y", "", "blocks: cannot read"),
-        (PROMPT, "", "5", "capture steps: [5] out of range"),
+        ("", 0, "", "", "the prompt is empty"),
+        ("   ", 0, "", "", "the prompt is empty"),
+        (" ".join(["smiling"] * 80), 0, "", "", "82 CLIP tokens long; the limit is 77"),
+        ("a\nb\nc\nd", 0, "", "", "4 prompts: compare at most 3"),
+        (PROMPT, 0, "30", "", "capture blocks: 30 out of range; choose indices in 0..23"),
+        (PROMPT, 0, "x-y", "", "capture blocks: cannot read"),
+        (PROMPT, 0, "", "5", "capture steps: 5 out of range"),
+        (PROMPT, 1e20, "", "", "choose a whole number in 0..4294967295"),
+        (PROMPT, -1, "", "", "choose a whole number in 0..4294967295"),
+        ("<step> " + " ".join(["smiling"] * 80), 0, "", "", "CLIP tokens long"),
     ],
 )
-def test_bad_inputs_give_a_message(explorer, prompt, blocks, steps, expected):
-    generation, row, choices, order, message = generate_callback(explorer, prompt, 0, 2, 4.0, blocks, steps)
-    assert generation is None and row is None
-    assert message.startswith("**Error:**") and expected in message
+def test_bad_inputs_give_a_message(explorer, prompt, seed, blocks, steps, expected):
+    session, message = generate_callback(explorer, prompt, seed, 2, 4.0, blocks, steps)
+    assert session is None
+    assert message.startswith("**Error:**") and expected in _text(message)
+    assert "<" not in message.removeprefix("**Error:**")  # HTML-safe
 
 
 def test_too_long_for_t5_is_refused(explorer):
-    # Fits CLIP (77) but not the 32 T5 positions of this explorer.
-    generation, *_, message = generate_callback(explorer, " ".join(["smiling"] * 40), 0, 2, 4.0, "", "")
-    assert generation is None and "T5 tokens long; the limit is 32" in message
+    session, message = generate_callback(explorer, " ".join(["smiling"] * 70), 0, 2, 4.0, "", "")
+    assert session is None and "T5 tokens long; the limit is 64" in message
 
 
-def test_figure_callbacks(generation):
-    token = next(t for t in generation.tokens if t.text == "smiling" and t.encoder == "CLIP")
-    figure, message = token_callback(generation, token.column)
-    assert isinstance(figure, Image.Image) and figure.width > 3 * 100 and "smiling" in message
-    assert token_callback(generation, 60)[1].startswith("**Error:**")  # padding column: not a token
-    assert token_callback(None, 1)[1] == "**Error:** generate images first"
-
-    row = side_by_side(generation.images)
-    w = row.width // 3  # 64 px images shown 4x enlarged
-    assert row.size == (3 * 256, 256) and w == 256
-    assert locate_patch(generation, w + 1, 0) == (1, 0, 0)
-    assert locate_patch(generation, 3 * w - 1, w - 1) == (2, 3, 3)
-    assert locate_patch(generation, 2 * w + 70, 130) == (2, 2, 1)
-    figure, message = patch_callback(generation, w + 1, w - 1)
-    assert isinstance(figure, Image.Image) and "row 3, column 0" in message and "checkpoint-000010" in message
-
-    figure, message = ncut_callback(generation, 10, "tsne")
+def test_ncut_sources_and_ranges(session):
+    session.prompt = 0
+    figure, message = ncut_callback(session, 10, "tsne", "output", False)
     assert isinstance(figure, Image.Image) and "10 eigenvectors" in message
-    figure, message = ncut_callback(generation, 60, "tsne")  # 3 images x 16 tokens = 48 tokens
-    assert figure is None and "n_eig must be between 1 and 47" in message
+    assert "only 16 tokens per image" in message  # the page says the colours cannot compare at this size
+    figure, message = ncut_callback(session, 10, "spectral", "key", True)
+    assert isinstance(figure, Image.Image) and "text tokens" in message
+    figure, message = ncut_callback(session, 16, "tsne", "output", False)  # 16 image tokens: at most 15
+    assert figure is None and "n_eig must be between 1 and 15" in message
+    assert ncut_callback(None, 5, "tsne", "output", False)[1] == "**Error:** generate images first"
 
 
-def test_lora_norm_plot_and_index_parsing(explorer):
+def test_export_png_svg_npz(session, tmp_path):
+    word_callback(session, "2:9", False)
+    files, message = export_callback(session, str(tmp_path))
+    names = sorted(p.rsplit("/", 1)[1] for p in files)
+    stem = "the-image-shows-a-young-woman-with-long_seed7_blocks0-23_steps0-1_shows"
+    assert names == [f"{stem}.npz", f"{stem}.png", f"{stem}.svg"], names
+    png = Image.open(tmp_path / f"{stem}.png")
+    assert round(png.info["dpi"][0]) >= 200
+    settings = json.loads(png.info["sd3-attention"])
+    assert settings["seed"] == 7 and settings["blocks"] == list(range(24)) and settings["words"] == ["shows"]
+    assert (tmp_path / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+    arrays = np.load(tmp_path / f"{stem}.npz")
+    assert arrays["base/image_to_text"].shape == (16, len(session.generation.prompts[0].kept_columns))
+
+
+def test_lora_norm_plot(explorer):
     assert lora_norm_plot(explorer.norms, explorer.num_blocks).width > 300
-    assert parse_indices("0-2, 5", 24, "blocks") == (0, 1, 2, 5)
-    assert parse_indices(" all ", 24, "blocks") is None
+
+
+def test_importing_the_app_sets_no_environment_variable():
+    code = (
+        "import os, json; before = dict(os.environ);"
+        "import sd3_lora_celeba.visualize.app;"
+        "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))"
+    )
+    env = {
+        k: v
+        for k, v in __import__("os").environ.items()
+        if k not in ("HF_HUB_OFFLINE", "GRADIO_ANALYTICS_ENABLED")
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
+    assert "HF_HUB_OFFLINE" not in app_module.__dict__.get("__doc__", "").split("Importing")[0]
 
 
 def test_cli_help_and_validation():
@@ -128,3 +216,18 @@ def test_cli_help_and_validation():
     assert result.exit_code == 2 and "--port 0" in result.output
     config = VisualizeConfig()
     assert (config.host, config.port, config.share) == ("127.0.0.1", 7860, False)
+
+
+def _text(message: str) -> str:
+    import html
+
+    return html.unescape(message)
+
+
+@pytest.mark.parametrize(
+    ("steps", "guidance", "expected"),
+    [(0, 4.0, "denoising steps 0: use 1..200"), (2.5, 4.0, "use a whole number"), (2, float("nan"), "0..30")],
+)
+def test_bad_numbers_give_a_message(explorer, steps, guidance, expected):
+    session, message = generate_callback(explorer, PROMPT, 0, steps, guidance, "", "")
+    assert session is None and expected in message

@@ -1,13 +1,13 @@
 """The tiny tokenizers tokenize a real-length caption as the real ones do: words whole in CLIP, some split in T5."""
 
-from sd3_lora_celeba.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer, learn_bpe_merges
-
-# 35 words, the style of a Llama 3 caption of a CelebA face.
-CAPTION = (
-    "The image shows a young woman with long, wavy brown hair and arched eyebrows. She is smiling slightly, "
-    "wearing earrings and red lipstick, looking directly at the camera against a plain, softly blurred background "
-    "outdoors."
+from sd3_lora_celeba.testing.tokenizers import (
+    EXAMPLE_CAPTION,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    learn_bpe_merges,
 )
+
+CAPTION = EXAMPLE_CAPTION
 
 
 def test_a_35_word_caption_is_about_40_clip_and_50_t5_tokens():

@@ -58,6 +58,14 @@ can could may might will would should must shall
   """.split()
 )
 
+# 35 words in the style of a Llama 3 caption of a CelebA face: about 42 CLIP and 50 T5 tokens here, as with the
+# real tokenizers. The attention-app tests use it as a real-length prompt.
+EXAMPLE_CAPTION = (
+    "The image shows a young woman with long, wavy brown hair and arched eyebrows. She is smiling slightly, "
+    "wearing earrings and red lipstick, looking directly at the camera against a plain, softly blurred background "
+    "outdoors."
+)
+
 CLIP_MAX_LENGTH = 77
 # T5 pieces: words this long or longer are split into a stem and a continuation, as T5 does with rarer words.
 T5_SPLIT_LENGTH = 8

@@ -1,153 +1,189 @@
-"""Capture SD3 joint-attention probabilities and outputs during denoising (no UI).
+"""Capture SD3 attention probabilities and features during denoising (no UI).
 
-SD3's MM-DiT runs one *joint* attention per block over the concatenation ``[image tokens, text tokens]``
-(diffusers ``JointAttnProcessor2_0``: image first, then text). The text tokens are the 77 CLIP positions (CLIP-L
-and CLIP-G share positions; their embeddings sit side by side in the channels) followed by the T5 positions
-(``max_sequence_length``). :func:`capture_attention` swaps the processor of the chosen blocks for
-:class:`CaptureJointAttnProcessor`, which
+SD3's MM-DiT runs one *joint* attention per block (``attn``) over ``[image tokens, text tokens]`` (diffusers
+``JointAttnProcessor2_0``: image first, then text). The text tokens are the 77 CLIP positions followed by the T5
+positions. SD3.5-medium's MMDiT-X blocks (``dual_attention_layers``) add a second, image-only self-attention
+(``attn2``); it is captured as a source of its own.
+
+:func:`capture_attention` swaps the processor of the chosen blocks for :class:`CaptureProcessor`, which
 
 * computes the block output with exactly the operations of ``JointAttnProcessor2_0`` (same projections, so peft
-  LoRA layers apply, and the same ``F.scaled_dot_product_attention`` call), so denoising is unchanged;
-* separately recomputes ``softmax(Q K^T / sqrt(d))`` in chunks of query tokens (the full 4429 x 4429 map of a
-  1024 px image never exists at once) and keeps only image->text and text->image probabilities, averaged over
-  heads, for the conditional half of a classifier-free-guidance batch;
-* keeps the image-stream attention output (after ``to_out``) of the conditional half, the per-token features for
-  NCUT.
+  LoRA layers apply, the same ``F.scaled_dot_product_attention`` call), so denoising is unchanged;
+* computes only the probabilities the app keeps: image queries -> the *kept* text keys (the prompt's real
+  tokens, not padding) and those text queries -> image keys, softmaxed over all keys as in the model, averaged over
+  heads, conditional half of a guidance batch only. Image->text rows come from one extra attention call whose
+  values are one-hot rows of the kept text keys, so no (N x N) map is materialised where a fused kernel exists;
+* keeps, per block, the features NCUT needs (attention outputs, queries, keys, values), summed over steps.
 
-Everything is accumulated as running sums per block over the chosen denoising steps; :meth:`Capture.maps`
-averages over blocks and steps. The original processors are restored when the context exits, error or not.
+Nothing is read back to the host during denoising (the step counter counts transformer calls: the SD3 pipeline
+calls the transformer once per step), so capture does not stall a GPU. :meth:`Capture.result` moves everything to
+the CPU once, in float16, as a :class:`CapturedAttention`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_QUERY_CHUNK = 1024
+FEATURE_SOURCES = ("output", "query", "key", "value")
+STORE_DTYPE = torch.float16
 
 
 @dataclass
-class BlockSums:
-    """Running sums of one block over the captured steps (conditional half of the batch only)."""
+class CapturedAttention:
+    """Captured maps of one model and one prompt, on the CPU in float16; explored without regenerating.
 
-    image_to_text: torch.Tensor  # (B, N_img, N_txt) probabilities, mean over heads
-    text_to_image: torch.Tensor  # (B, N_txt, N_img)
-    image_to_image_mass: torch.Tensor  # (B, N_img) probability mass image queries put on image keys
-    text_to_text_mass: torch.Tensor  # (B, N_txt)
-    features: torch.Tensor  # (B, N_img, D) image-stream attention output
-    steps: int = 0
+    ``image_to_text[(block, step)]``: (N_img, K) probability of each image patch for each kept text token;
+    ``text_to_image[(block, step)]``: (K, N_img); ``features[(source, block)]``: (N_tokens, D) mean over the
+    captured steps, where source is one of :data:`FEATURE_SOURCES`, prefixed ``attn2 `` for the second attention
+    of dual blocks (image tokens only), and N_tokens is N_img + K for the joint attention.
+    """
 
-
-@dataclass
-class AttentionMaps:
-    """Attention averaged over heads, the chosen blocks and the chosen steps; tensors on the CPU in float32."""
-
-    image_to_text: torch.Tensor  # (B, N_img, N_txt)
-    text_to_image: torch.Tensor  # (B, N_txt, N_img)
-    image_to_image_mass: torch.Tensor  # (B, N_img); image_to_text.sum(-1) + this == 1
-    text_to_text_mass: torch.Tensor  # (B, N_txt); text_to_image.sum(-1) + this == 1
-    features: torch.Tensor  # (B, N_img, D)
-    grid: tuple[int, int]  # (h, w) patch grid: N_img == h * w, row-major
+    image_to_text: dict[tuple[int, int], torch.Tensor]
+    text_to_image: dict[tuple[int, int], torch.Tensor]
+    features: dict[tuple[str, int], torch.Tensor]
+    grid: tuple[int, int]
     blocks: tuple[int, ...]
     steps: tuple[int, ...]
+    kept_columns: tuple[int, ...]
+
+    def nbytes(self) -> int:
+        tensors = [*self.image_to_text.values(), *self.text_to_image.values(), *self.features.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def select(self, blocks: Iterable[int] | None, steps: Iterable[int] | None) -> tuple[tuple, tuple]:
+        """The captured blocks and steps among ``blocks`` / ``steps`` (None: all captured); ValueError if none."""
+        chosen_blocks = self.blocks if blocks is None else tuple(b for b in self.blocks if b in set(blocks))
+        chosen_steps = self.steps if steps is None else tuple(s for s in self.steps if s in set(steps))
+        if not chosen_blocks or not chosen_steps:
+            raise ValueError(
+                f"nothing captured for those blocks/steps: captured blocks {_ranges(self.blocks)}, "
+                f"steps {_ranges(self.steps)}; choose among them or capture again"
+            )
+        return chosen_blocks, chosen_steps
+
+    def mean_map(self, direction: str, blocks=None, steps=None) -> torch.Tensor:
+        """Mean over the chosen captured blocks and steps of ``image_to_text`` or ``text_to_image``, float32."""
+        table = self.image_to_text if direction == "image_to_text" else self.text_to_image
+        chosen_blocks, chosen_steps = self.select(blocks, steps)
+        total = sum(table[(b, s)].float() for b in chosen_blocks for s in chosen_steps)
+        return total / (len(chosen_blocks) * len(chosen_steps))
+
+    def feature_sources(self) -> list[str]:
+        return sorted({source for source, _ in self.features}, key=_source_order)
+
+    def mean_features(self, source: str, blocks=None) -> torch.Tensor:
+        """Mean over the chosen captured blocks of one feature source, float32 (N_tokens, D)."""
+        chosen = [b for b in (self.blocks if blocks is None else blocks) if (source, b) in self.features]
+        if not chosen:
+            raise ValueError(f"no {source} features captured for blocks {_ranges(tuple(blocks or ()))}")
+        return sum(self.features[(source, b)].float() for b in chosen) / len(chosen)
+
+
+def _source_order(source: str) -> tuple[int, int]:
+    second = source.startswith("attn2 ")
+    return int(second), FEATURE_SOURCES.index(source.removeprefix("attn2 "))
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    if not values:
+        return "none"
+    parts, start, prev = [], values[0], values[0]
+    for v in (*values[1:], None):
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(parts)
 
 
 @dataclass
 class Capture:
-    """What a :func:`capture_attention` context collected; filled while the pipeline runs."""
+    """What a :func:`capture_attention` context collects while the pipeline runs (tensors stay on the device)."""
 
     blocks: tuple[int, ...]
     steps: frozenset[int] | None  # None = every step
     cfg: bool
-    query_chunk: int = DEFAULT_QUERY_CHUNK
-    step: int = -1  # index of the denoising step in progress
+    kept_columns: tuple[int, ...]
+    features: bool = True
+    step: int = -1  # index of the denoising step in progress (= transformer calls so far - 1)
     grid: tuple[int, int] | None = None
     steps_seen: list[int] = field(default_factory=list)
-    sums: dict[int, BlockSums] = field(default_factory=dict)
-    _last_timestep: float | None = None
+    image_to_text: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    text_to_image: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    feature_sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    _index: torch.Tensor | None = None
 
     def active(self) -> bool:
         return self.step >= 0 and (self.steps is None or self.step in self.steps)
 
-    def maps(self, blocks: Iterable[int] | None = None) -> AttentionMaps:
-        """Mean over ``blocks`` (default: all captured) and over the captured steps."""
-        chosen = tuple(sorted(self.sums if blocks is None else blocks))
-        missing = [b for b in chosen if b not in self.sums]
-        if not chosen or missing:
-            captured = ", ".join(map(str, sorted(self.sums))) or "none"
-            raise ValueError(
-                f"no attention captured for block(s) {missing or 'any'}; captured blocks: {captured} "
-                "(check the chosen steps and blocks)"
-            )
+    def kept_index(self, device: torch.device) -> torch.Tensor:
+        if self._index is None or self._index.device != device:
+            self._index = torch.tensor(self.kept_columns, dtype=torch.long, device=device)
+        return self._index
 
-        def mean(name: str) -> torch.Tensor:
-            total = sum(getattr(self.sums[b], name) / self.sums[b].steps for b in chosen)
-            return (total / len(chosen)).float().cpu()
+    def add_features(self, source: str, block: int, value: torch.Tensor) -> None:
+        key = (source, block)
+        if key in self.feature_sums:
+            self.feature_sums[key].add_(value.float())
+        else:
+            self.feature_sums[key] = value.float().clone()
 
-        assert self.grid is not None
-        return AttentionMaps(
-            image_to_text=mean("image_to_text"),
-            text_to_image=mean("text_to_image"),
-            image_to_image_mass=mean("image_to_image_mass"),
-            text_to_text_mass=mean("text_to_text_mass"),
-            features=mean("features"),
+    def result(self) -> CapturedAttention:
+        """Everything captured, moved to the CPU once, in float16 (features: mean over the captured steps)."""
+        if self.grid is None or not self.steps_seen:
+            raise ValueError("no attention was captured: check the chosen steps and blocks")
+        n = len(self.steps_seen)
+        return CapturedAttention(
+            image_to_text={k: v.to("cpu", STORE_DTYPE) for k, v in self.image_to_text.items()},
+            text_to_image={k: v.to("cpu", STORE_DTYPE) for k, v in self.text_to_image.items()},
+            features={k: (v / n).to("cpu", STORE_DTYPE) for k, v in self.feature_sums.items()},
             grid=self.grid,
-            blocks=chosen,
-            steps=tuple(sorted(set(self.steps_seen))),
+            blocks=self.blocks,
+            steps=tuple(self.steps_seen),
+            kept_columns=self.kept_columns,
         )
 
-    def _add(self, block: int, values: dict[str, torch.Tensor]) -> None:
-        sums = self.sums.get(block)
-        if sums is None:
-            self.sums[block] = BlockSums(**{k: v.float().clone() for k, v in values.items()}, steps=1)
-            return
-        for name, value in values.items():
-            getattr(sums, name).add_(value.float())
-        sums.steps += 1
 
+def image_to_text_probabilities(
+    query: torch.Tensor, key: torch.Tensor, num_image_tokens: int, kept: torch.Tensor
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) of the image queries, restricted to the kept text keys; mean over heads.
 
-def chunked_joint_probabilities(
-    query: torch.Tensor, key: torch.Tensor, num_image_tokens: int, chunk: int = DEFAULT_QUERY_CHUNK
-) -> dict[str, torch.Tensor]:
-    """Image<->text blocks of ``softmax(Q K^T / sqrt(d))`` over all keys, averaged over heads.
-
-    ``query``/``key``: (B, heads, N_img + N_txt, d), image tokens first. Rows are softmaxed over *all* keys (as in
-    the joint attention itself) in chunks of ``chunk`` query tokens, in float32 for accuracy whatever the model
-    dtype; only the cross-modal parts and the within-modality mass are kept, so memory stays
-    O(B * heads * chunk * N) instead of O(B * heads * N^2).
+    ``query``/``key``: (B, heads, N_img + N_txt, d). One attention call whose values are the one-hot rows of the
+    kept text keys (zero for every other key) returns exactly those probabilities, normalised over all keys.
+    Returns (B, N_img, K) in float32.
     """
-    scale = query.shape[-1] ** -0.5  # the default scale of F.scaled_dot_product_attention
-    key = key.float()
-    n_img = num_image_tokens
-    image_to_text, image_mass, text_to_image, text_mass = [], [], [], []
-    for start in range(0, query.shape[2], chunk):
-        q = query[:, :, start : start + chunk].float()
-        probs = torch.softmax(q @ key.transpose(-1, -2) * scale, dim=-1).mean(dim=1)  # (B, c, N)
-        # Split the chunk at the image/text boundary of the query axis.
-        split = max(0, min(n_img - start, probs.shape[1]))
-        img_rows, txt_rows = probs[:, :split], probs[:, split:]
-        image_to_text.append(img_rows[..., n_img:])
-        image_mass.append(img_rows[..., :n_img].sum(-1))
-        text_to_image.append(txt_rows[..., :n_img])
-        text_mass.append(txt_rows[..., n_img:].sum(-1))
-    return {
-        "image_to_text": torch.cat(image_to_text, dim=1),  # (B, N_img, N_txt)
-        "image_to_image_mass": torch.cat(image_mass, dim=1),  # (B, N_img)
-        "text_to_image": torch.cat(text_to_image, dim=1),  # (B, N_txt, N_img)
-        "text_to_text_mass": torch.cat(text_mass, dim=1),  # (B, N_txt)
-    }
+    b, heads, n, _ = key.shape
+    values = torch.zeros(n, kept.numel(), device=key.device, dtype=query.dtype)
+    values[num_image_tokens + kept, torch.arange(kept.numel(), device=key.device)] = 1
+    q = query[:, :, :num_image_tokens]
+    probs = F.scaled_dot_product_attention(q, key, values.expand(b, heads, n, kept.numel()))
+    return probs.float().mean(dim=1)
 
 
-class CaptureJointAttnProcessor:
-    """``JointAttnProcessor2_0`` with a side channel that records attention into a :class:`Capture`."""
+def text_to_image_probabilities(
+    query: torch.Tensor, key: torch.Tensor, num_image_tokens: int, kept: torch.Tensor
+) -> torch.Tensor:
+    """softmax over all keys of the kept text queries, image columns only, mean over heads: (B, K, N_img)."""
+    q = query[:, :, num_image_tokens + kept].float()  # (B, heads, K, d)
+    scores = q @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1)[..., :num_image_tokens].mean(dim=1)
 
-    def __init__(self, capture: Capture, block: int) -> None:
+
+class CaptureProcessor:
+    """``JointAttnProcessor2_0`` with a side channel into a :class:`Capture` (joint ``attn`` or ``attn2``)."""
+
+    def __init__(self, capture: Capture, block: int, second: bool = False) -> None:
         self.capture = capture
         self.block = block
+        self.second = second  # attn2 of a dual block: image self-attention, no text stream
 
     def __call__(
         self,
@@ -161,12 +197,10 @@ class CaptureJointAttnProcessor:
         # The output path mirrors diffusers' JointAttnProcessor2_0 op for op, so the result is bit-identical.
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
+        head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N_img, d)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -174,28 +208,22 @@ class CaptureJointAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-
         if encoder_hidden_states is not None:
-            txt_query = attn.add_q_proj(encoder_hidden_states)
-            txt_key = attn.add_k_proj(encoder_hidden_states)
-            txt_value = attn.add_v_proj(encoder_hidden_states)
-            txt_query = txt_query.view(batch_size, -1, attn.heads, head_dim).transpose(
-                1, 2
-            )  # (B, heads, N_txt, d)
-            txt_key = txt_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            txt_value = txt_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            txt = [
+                proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            ]
             if attn.norm_added_q is not None:
-                txt_query = attn.norm_added_q(txt_query)
+                txt[0] = attn.norm_added_q(txt[0])
             if attn.norm_added_k is not None:
-                txt_key = attn.norm_added_k(txt_key)
-            query = torch.cat([query, txt_query], dim=2)  # (B, heads, N_img + N_txt, d)
-            key = torch.cat([key, txt_key], dim=2)
-            value = torch.cat([value, txt_value], dim=2)
+                txt[1] = attn.norm_added_k(txt[1])
+            query = torch.cat([query, txt[0]], dim=2)  # (B, heads, N_img + N_txt, d)
+            key = torch.cat([key, txt[1]], dim=2)
+            value = torch.cat([value, txt[2]], dim=2)
 
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
-
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = (
                 hidden_states[:, : residual.shape[1]],
@@ -203,33 +231,56 @@ class CaptureJointAttnProcessor:
             )
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
 
-        if encoder_hidden_states is not None and self.capture.active():
-            self._record(query, key, hidden_states, num_image_tokens=residual.shape[1])
-
+        if self.capture.active():
+            self._record(
+                query, key, value, hidden_states, residual.shape[1], joint=encoder_hidden_states is not None
+            )
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
 
     @torch.no_grad()
-    def _record(
-        self, query: torch.Tensor, key: torch.Tensor, output: torch.Tensor, num_image_tokens: int
-    ) -> None:
+    def _record(self, query, key, value, output, num_image_tokens: int, joint: bool) -> None:
+        capture = self.capture
         batch = query.shape[0]
         # Under classifier-free guidance the pipeline batches [uncond, cond]: keep the conditional half.
-        keep = slice(batch // 2, batch) if self.capture.cfg else slice(0, batch)
-        values = chunked_joint_probabilities(
-            query[keep], key[keep], num_image_tokens, chunk=self.capture.query_chunk
+        keep = slice(batch // 2, batch) if capture.cfg else slice(0, batch)
+        query, key, value, output = query[keep], key[keep], value[keep], output[keep]
+        prefix = "attn2 " if self.second else ""
+        if joint and not self.second:
+            kept = capture.kept_index(query.device)
+            at = (self.block, capture.step)
+            capture.image_to_text[at] = image_to_text_probabilities(query, key, num_image_tokens, kept)[0]
+            capture.text_to_image[at] = text_to_image_probabilities(query, key, num_image_tokens, kept)[0]
+        if not capture.features:
+            return
+        rows = _feature_rows(
+            query.shape[2], num_image_tokens, capture.kept_index(query.device) if joint else None
         )
-        values["features"] = output[keep]  # (B_cond, N_img, D)
-        self.capture._add(self.block, values)
+        capture.add_features(prefix + "output", self.block, output[0, :num_image_tokens])
+        for name, tensor in (("query", query), ("key", key), ("value", value)):
+            # (heads, N, d) -> (N, heads * d), image tokens then the kept text tokens
+            flat = tensor[0].transpose(0, 1).reshape(tensor.shape[2], -1)
+            capture.add_features(prefix + name, self.block, flat[rows])
 
 
-def _processor_name(block: int) -> str:
-    return f"transformer_blocks.{block}.attn.processor"
+def _feature_rows(n: int, num_image_tokens: int, kept: torch.Tensor | None) -> torch.Tensor:
+    image = torch.arange(num_image_tokens, device=kept.device if kept is not None else None)
+    return image if kept is None else torch.cat([image, num_image_tokens + kept])
+
+
+def _processor_name(block: int, second: bool = False) -> str:
+    return f"transformer_blocks.{block}.{'attn2' if second else 'attn'}.processor"
+
+
+def dual_blocks(transformer) -> tuple[int, ...]:
+    """Blocks with a second image self-attention (SD3.5 MMDiT-X ``dual_attention_layers``)."""
+    return tuple(
+        i for i, b in enumerate(transformer.transformer_blocks) if getattr(b, "attn2", None) is not None
+    )
 
 
 @contextlib.contextmanager
@@ -238,13 +289,16 @@ def capture_attention(
     blocks: Iterable[int] | None = None,
     steps: Iterable[int] | None = None,
     cfg: bool = True,
-    query_chunk: int = DEFAULT_QUERY_CHUNK,
+    kept_columns: Sequence[int] | None = None,
+    features: bool = True,
 ) -> Iterator[Capture]:
-    """Record joint attention of ``blocks`` (default all) at denoising ``steps`` (default all) of ``transformer``.
+    """Record attention of ``blocks`` (default all) at denoising ``steps`` (default all) of ``transformer``.
 
-    ``cfg``: the transformer is called on ``[uncond, cond]`` batches (the pipeline's guidance_scale > 1); only the
-    conditional half is kept. A denoising step is one distinct timestep passed to the transformer, counted from 0.
-    The original attention processors are put back when the context exits, also after an exception.
+    ``kept_columns``: text-token columns to keep (the prompt's real tokens; default all text positions, which
+    needs the text length: it is read from the first call). ``cfg``: the transformer is called on ``[uncond,
+    cond]`` batches; only the conditional half is kept. A denoising step is one transformer call, counted from 0.
+    ``attn2`` of dual blocks is captured too (features only: it has no text tokens). The original processors are
+    put back when the context exits, also after an exception.
     """
     num_blocks = len(transformer.transformer_blocks)
     chosen = tuple(range(num_blocks)) if blocks is None else tuple(sorted(set(blocks)))
@@ -252,13 +306,19 @@ def capture_attention(
     if bad or not chosen:
         raise ValueError(f"blocks {bad or '(none)'}: choose block indices in 0..{num_blocks - 1}")
     capture = Capture(
-        blocks=chosen, steps=None if steps is None else frozenset(steps), cfg=cfg, query_chunk=query_chunk
+        blocks=chosen,
+        steps=None if steps is None else frozenset(steps),
+        cfg=cfg,
+        kept_columns=tuple(kept_columns or ()),
+        features=features,
     )
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     original = transformer.attn_processors
-    for b in chosen:
-        proc = original[_processor_name(b)]
+    duals = set(dual_blocks(transformer))
+    targets = [(b, False) for b in chosen] + [(b, True) for b in chosen if b in duals]
+    for b, second in targets:
+        proc = original[_processor_name(b, second)]
         if type(proc) is not JointAttnProcessor2_0:
             raise ValueError(
                 f"block {b} uses {type(proc).__name__}; attention capture needs diffusers' JointAttnProcessor2_0 "
@@ -268,18 +328,17 @@ def capture_attention(
 
     def on_forward(module, args, kwargs) -> None:
         latents = kwargs.get("hidden_states", args[0] if args else None)  # (B, 16, H/8, W/8)
-        timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
         capture.grid = (latents.shape[-2] // patch_size, latents.shape[-1] // patch_size)
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        if t != capture._last_timestep:
-            capture._last_timestep = t
-            capture.step += 1
-            if capture.active():
-                capture.steps_seen.append(capture.step)
+        if not capture.kept_columns:
+            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            capture.kept_columns = tuple(range(text.shape[1]))
+        capture.step += 1  # shapes only: no device -> host copy
+        if capture.active():
+            capture.steps_seen.append(capture.step)
 
     replaced = dict(original)
-    for b in chosen:
-        replaced[_processor_name(b)] = CaptureJointAttnProcessor(capture, b)
+    for b, second in targets:
+        replaced[_processor_name(b, second)] = CaptureProcessor(capture, b, second=second)
     hook = transformer.register_forward_pre_hook(on_forward, with_kwargs=True)
     try:
         transformer.set_attn_processor(replaced)
