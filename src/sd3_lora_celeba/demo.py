@@ -9,7 +9,9 @@ is resumable, so running the demo again redoes nothing and finishes in seconds::
     ├── dataset/                 prepare-* output, captions, caches; dataset/empty-prompt/
     ├── runs/fine-tune/          fine-tune run: metrics.jsonl, tensorboard/, checkpoint-*/
     ├── fid/ground-truth|pretrained|fine-tuned/   images + stats.npz (pytorch-fid)
-    └── fid-vs-step/             CSV + plot
+    ├── fid-vs-step/             CSV + plot
+    ├── experiment.yaml          the tiny experiment: two runs (m = -0.5, 0.5), one caption variant
+    └── experiment/              its runs, scores, results.md / .csv, fid_vs_step / fid_vs_guidance figures
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import click
+import yaml
 
 from sd3_lora_celeba import layout
 from sd3_lora_celeba.config import argument, option
 from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +59,20 @@ class DemoConfig:
             raise ValueError("--num-hq-images must be at least 20 so that every split gets images")
 
 
-def _sd3(args: list[str]) -> None:
-    """Run one ``sd3`` command in this process, exactly as typed on a shell."""
+def _sd3(args: list[str]) -> Any:
+    """Run one ``sd3`` command in this process, exactly as typed on a shell; returns what the stage returns."""
     from sd3_lora_celeba.cli import cli
 
     log.info("$ sd3 %s", " ".join(args))
-    # Each stage runs the group callback again: hand it the demo's own --quiet / --logging-style.
+    # Each stage runs the group callback again: hand it the demo's own --quiet / --verbose / --logging-style.
     root = logging.getLogger()
     group_options = ["--quiet"] if root.getEffectiveLevel() > logging.INFO else []
+    if os.environ.get("DIFFUSERS_VERBOSITY") == "warning":  # what `sd3 --verbose` sets
+        group_options.append("--verbose")
     if root.handlers and type(root.handlers[0]).__name__ != "RichHandler":
         group_options += ["--logging-style", "plain"]
     try:
-        cli.main(args=[*group_options, *args], prog_name="sd3", standalone_mode=False)
+        return cli.main(args=[*group_options, *args], prog_name="sd3", standalone_mode=False)
     except click.ClickException as exc:
         raise InputError(f"demo stage 'sd3 {args[0]}' failed: {exc.format_message()}") from None
 
@@ -165,6 +171,10 @@ def demo(config: DemoConfig) -> dict[str, Path]:
         ["fid-vs-step", str(run_dir), str(test), "--output-dir", str(out / "fid-vs-step"),
          "--inception-weights", str(weights), "--num-inference-steps", "8"]
     )  # fmt: skip
+    # Reproducing the results: the experiment command on a tiny grid.
+    experiment_file = out / "experiment.yaml"
+    atomic_write_text(experiment_file, yaml.safe_dump(_tiny_experiment(dataset, out / "experiment", weights)))
+    results = _sd3(["experiment", str(experiment_file)])
 
     outputs = {
         "dataset (splits, captions, caches)": dataset,
@@ -172,6 +182,7 @@ def demo(config: DemoConfig) -> dict[str, Path]:
         "last LoRA checkpoint": checkpoint,
         "FID image folders": fid,
         "FID vs step (CSV + plot)": out / "fid-vs-step",
+        "experiment (results.md, figures, manifest)": out / "experiment",
         "tiny models and synthetic releases": world.root,
     }
     console = Console(stderr=False, width=max(120, shutil.get_terminal_size().columns))
@@ -183,4 +194,39 @@ def demo(config: DemoConfig) -> dict[str, Path]:
     for name, line in scores.items():
         table.add_row(f"pytorch-fid, {name} (random weights: meaningless)", line)
     console.print(table)
+    click.echo("Results of the tiny experiment (random weights: meaningless):\n" + results["table"])
     return outputs
+
+
+def _tiny_experiment(dataset: Path, output_dir: Path, inception_weights: Path) -> dict[str, Any]:
+    """The README's experiment file, shrunk: two runs, one caption variant, two checkpoints, four images."""
+    return {
+        "output_dir": str(output_dir),
+        "run_label": "Fine-Tuned with $m = {logit_mean}$",
+        "fine_tune": {
+            "train_dir": str(dataset / "train"),
+            "empty_prompt_dir": str(dataset / layout.EMPTY_PROMPT_DIR),
+            "logit_mean": [-0.5, 0.5],
+            "lora_blocks": [4, 5, 6, 7],
+            "lora_rank": 8,
+            "learning_rate": 1e-3,
+            "num_training_steps": 2,
+            "checkpointing_steps": 1,
+            "batch_size": 3,
+            "lr_warmup_steps": 0,
+            "dataloader_num_workers": 0,
+            "report_to": "none",
+        },
+        "evaluation": {
+            "split_dir": str(dataset / "test"),
+            "caption_variants": ["blip2"],
+            "guidance_scale": 7.0,
+            "guidance_scales": [3.0, 7.0],
+            "num_images": 4,
+            "num_inference_steps": 4,
+            "dims": 64,  # a 64 x 64 covariance: each score takes a second, not a minute, on a CPU
+            "inception_weights": str(inception_weights),
+            "bootstrap_samples": 50,
+            "kid_subsets": 10,
+        },
+    }
