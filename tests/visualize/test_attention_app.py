@@ -231,3 +231,21 @@ def _text(message: str) -> str:
 def test_bad_numbers_give_a_message(explorer, steps, guidance, expected):
     session, message = generate_callback(explorer, PROMPT, 0, steps, guidance, "", "")
     assert session is None and expected in message
+
+
+def test_progress_per_model_and_step(explorer):
+    calls = []
+    session, message = generate_callback(
+        explorer,
+        PROMPT,
+        1,
+        2,
+        4.0,
+        "5",
+        "",
+        progress=lambda done, total, what: calls.append((done, total, what)),
+    )
+    assert session is not None, message
+    assert [c[0] for c in calls] == list(range(1, 7)) and {c[1] for c in calls} == {6}
+    assert calls[0][2] == "prompt 1, base, step 1" and calls[-1][2] == "prompt 1, checkpoint-000020, step 2"
+    assert session.generation.blocks == (5,) and session.generation.steps == (1,)  # default steps: the last
