@@ -267,13 +267,27 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
     assert r.exit_code == 0 and (out / layout.RESULTS_MD).read_text() == before
     assert (out / "fid_vs_step.svg").is_file()
 
-    # 6. A re-run that would change finished numbers is refused; adding a caption variant or scale is not.
+    # 6. A checkpoint that changed after it was scored is not silently reused.
+    lora = first_run / "checkpoint-000002" / layout.LORA_WEIGHTS
+    original = lora.read_bytes()
+    lora.write_bytes(original + b"\0")
+    r = cli_run("experiment", config, env=env)
+    assert r.exit_code == 2 and "scored with another checkpoint-000002" in r.output
+    lora.write_bytes(original)
+
+    # 7. A re-run that would change finished numbers is refused; adding a caption variant or scale is not.
     changed = {**spec, "evaluation": {**spec["evaluation"], "seed": 1}}
     r = cli_run("experiment", _write(tmp_path / "exp.yaml", changed), env=env)
     assert r.exit_code == 2 and "evaluation.seed" in r.output
     changed = {**spec, "fine_tune": {**spec["fine_tune"], "learning_rate": 1e-2}}
     r = cli_run("experiment", _write(tmp_path / "exp.yaml", changed), env=env)
     assert r.exit_code == 2 and "learning_rate" in r.output
+    more = {**spec, "evaluation": {**spec["evaluation"], "guidance_scales": [1.0, 2.0, 3.0]}}
+    with pytest.MonkeyPatch.context() as mp:
+        scored = _counting(mp, E.Scorer, "score")
+        r = cli_run("experiment", _write(tmp_path / "exp.yaml", more), env=env)
+    assert r.exit_code == 0, r.output
+    assert [c[1].guidance_scale for c in scored] == [2.0]
 
 
 def test_the_readme_experiment_file_is_the_original_experiment(tmp_path):

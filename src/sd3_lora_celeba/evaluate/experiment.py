@@ -516,6 +516,23 @@ def read_score(plan_out: Path, point: Point) -> dict[str, Any] | None:
         return None  # cannot happen with atomic writes; recompute rather than fail
 
 
+def _check_scores_match_checkpoints(plan: Plan, done: list[Point]) -> None:
+    """A finished score of a checkpoint that has since changed (a run retrained) is an error, not reused."""
+    runs = {r.name: r for r in plan.runs}
+    for point in done:
+        if point.model == PRETRAINED:
+            continue
+        ckpt = layout.checkpoint_dir(runs[point.model].config.output_dir, point.step)
+        lora = G.lora_fingerprint(ckpt)  # sha256 memoised per file version
+        score = read_score(plan.out, point) or {}
+        if score.get("lora_sha256") != lora["sha256"]:
+            folder = Path(layout.EXPERIMENT_SCORES_DIR) / point.model
+            raise InputError(
+                f"{point.score_path(plan.out)}: scored with another {ckpt.name} of {point.model} than the one on "
+                f"disk; delete {plan.out / folder} and {plan.out / layout.EXPERIMENT_IMAGES_DIR / point.model}"
+            )
+
+
 class Scorer:
     """What every score of this process shares: examples, ground truth, Inception, and (lazily) the pipeline."""
 
@@ -659,6 +676,7 @@ def score_points(plan: Plan, points: list[Point], scorer_factory) -> None:
     state = parallel.process_state()
     unique = list(dict.fromkeys(points))
     pending = [p for p in unique if read_score(plan.out, p) is None]
+    _check_scores_match_checkpoints(plan, [p for p in unique if p not in pending])
     # Every process lists what is pending before any writes a score, so the shards line up.
     state.wait_for_everyone()
     mine = sorted(parallel.shard(pending, state.process_index, state.num_processes), key=lambda p: p.relpath)
