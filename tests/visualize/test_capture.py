@@ -7,10 +7,12 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
+from sd3_lora_celeba.visualize import capture as capture_module
 from sd3_lora_celeba.visualize.capture import (
     capture_attention,
     dual_blocks,
     image_to_text_probabilities,
+    one_hot_attention_probabilities,
     text_to_image_probabilities,
 )
 
@@ -151,12 +153,18 @@ def test_attn2_of_dual_blocks_is_its_own_source(dual_transformer):
     )
 
 
-def test_one_hot_attention_gives_the_softmax_columns():
+def test_kept_probabilities_are_the_softmax_columns(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 3, 40, 8, generator=generator)
     key = torch.randn(2, 3, 40, 8, generator=generator)
     kept = torch.tensor([0, 3, 14])
     direct = torch.softmax(query @ key.transpose(-1, -2) / 8**0.5, -1).mean(1)
+    torch.testing.assert_close(image_to_text_probabilities(query, key, 25, kept), direct[:, :25, 25 + kept])
+    # The fused (GPU) form, and the CPU form in chunks of a few queries.
+    torch.testing.assert_close(
+        one_hot_attention_probabilities(query, key, 25, kept), direct[:, :25, 25 + kept]
+    )
+    monkeypatch.setattr(capture_module, "CPU_SCORE_ELEMENTS", 2 * 3 * 40 * 4)  # 4 queries per chunk
     torch.testing.assert_close(image_to_text_probabilities(query, key, 25, kept), direct[:, :25, 25 + kept])
     torch.testing.assert_close(text_to_image_probabilities(query, key, 25, kept), direct[:, 25 + kept, :25])
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 FEATURE_SOURCES = ("output", "query", "key", "value")
 STORE_DTYPE = torch.float16
+CPU_SCORE_ELEMENTS = 2**24  # scores computed at once on the CPU (64 MiB in float32)
 
 
 @dataclass
@@ -156,16 +157,37 @@ def image_to_text_probabilities(
 ) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) of the image queries, restricted to the kept text keys; mean over heads.
 
-    ``query``/``key``: (B, heads, N_img + N_txt, d). One attention call whose values are the one-hot rows of the
-    kept text keys (zero for every other key) returns exactly those probabilities, normalised over all keys.
-    Returns (B, N_img, K) in float32.
+    ``query``/``key``: (B, heads, N_img + N_txt, d). Returns (B, N_img, K) in float32, normalised over all keys.
+    On a GPU one fused attention call whose values are the one-hot rows of the kept text keys (zero for every
+    other key) returns exactly those probabilities, with no (N x N) map in memory. On the CPU, where that call
+    runs unfused, the scores are computed in chunks of queries and only the kept columns are exponentiated.
     """
+    if query.device.type == "cuda":
+        return one_hot_attention_probabilities(query, key, num_image_tokens, kept)
+    b, heads, n, _ = key.shape
+    q = query[:, :, :num_image_tokens]
+    scale = query.shape[-1] ** -0.5
+    key_t = key.float().transpose(-1, -2)
+    chunk = max(1, CPU_SCORE_ELEMENTS // (b * heads * n))
+    out = []
+    for start in range(0, num_image_tokens, chunk):
+        scores = q[:, :, start : start + chunk].float() @ key_t * scale  # (B, heads, c, N)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        out.append(torch.exp(scores[..., num_image_tokens + kept] - lse).mean(dim=1))
+    return torch.cat(out, dim=1)
+
+
+def one_hot_attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, num_image_tokens: int, kept: torch.Tensor
+) -> torch.Tensor:
+    """:func:`image_to_text_probabilities` as one attention call with one-hot values (fused on a GPU)."""
     b, heads, n, _ = key.shape
     values = torch.zeros(n, kept.numel(), device=key.device, dtype=query.dtype)
     values[num_image_tokens + kept, torch.arange(kept.numel(), device=key.device)] = 1
     q = query[:, :, :num_image_tokens]
-    probs = F.scaled_dot_product_attention(q, key, values.expand(b, heads, n, kept.numel()))
-    return probs.float().mean(dim=1)
+    return (
+        F.scaled_dot_product_attention(q, key, values.expand(b, heads, n, kept.numel())).float().mean(dim=1)
+    )
 
 
 def text_to_image_probabilities(
