@@ -64,6 +64,7 @@ from sd3_lora_celeba.config import (
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.evaluate import fid as F
 from sd3_lora_celeba.io import atomic_write_json, output_lock, remove_stale_temp_files
+from sd3_lora_celeba.models.loading import Precision, resolve_dtype
 from sd3_lora_celeba.sample import generate as G
 from sd3_lora_celeba.train.recipe import FineTuneConfig, fine_tune
 
@@ -115,7 +116,7 @@ class EvaluationSpec:
     height: int | None = option(None, "Image height in px; default the model's native size.")
     width: int | None = option(None, "Image width in px; default the model's native size.")
     batch_size: int = option(4, "Images per pipeline call.")
-    precision: G.GenPrecision = option("auto", "Generation dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    precision: Precision = option("auto", "Generation dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     dims: int = option(2048, "Inception feature size: 64, 192, 768 or 2048.")
     inception_weights: Path | None = option(None, "FID Inception weights file; default pytorch-fid's own.")
     fid_batch_size: int = option(50, "Images per Inception forward pass.")
@@ -547,7 +548,7 @@ class Scorer:
             plan.out / layout.GROUND_TRUTH_DIR, self.inception, batch_size=ev.fid_batch_size
         )
         self.sqrt_sigma_gt = sqrtm_psd(self.gt.sigma)
-        self.dtype = G.resolve_precision(ev.precision, device)
+        self.dtype = resolve_dtype(ev.precision, device)
         state = parallel.process_state()
         self.process_index, self.num_processes = state.process_index, state.num_processes
         self.pipe = None
