@@ -343,3 +343,20 @@ def test_two_processes_train_together_and_share_the_scores(world, dataset, tmp_p
     assert (out / layout.RESULTS_MD).is_file() and (out / "fid_vs_step.svg").is_file()
     assert not (out / "fid_vs_guidance.svg").exists()
     assert json.loads((out / layout.EXPERIMENT_MANIFEST).read_text())["device"]["processes"] == 2
+
+
+def test_an_experiment_folder_in_use_is_refused(world, dataset, tmp_path, cli_run):
+    import socket
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    holder = {"pid": 1, "host": socket.gethostname(), "what": "sd3 experiment"}  # pid 1 is alive
+    (out / ".sd3.lock").write_text(json.dumps(holder))
+    spec = {
+        "output_dir": str(out),
+        "fine_tune": _fine_tune(dataset),
+        "evaluation": _evaluation(dataset, world.inception_weights),
+    }
+    r = cli_run("experiment", _write(tmp_path / "exp.yaml", spec), env=world.env)
+    assert r.exit_code == 2 and "in use by sd3 experiment (pid 1" in r.output
+    assert sorted(p.name for p in out.iterdir()) == [".sd3.lock"]
