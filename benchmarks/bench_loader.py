@@ -90,7 +90,10 @@ def ours_loader(train: Path, empty: Path, batch_size: int):
     config = FineTuneConfig(train_dir=train, empty_prompt_dir=empty, model_name=MODEL, batch_size=batch_size)
     dataset = build_dataset(config, shift=3.0)
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed=0)
-    return build_loader(config, dataset, sampler, torch.device("cpu")), config.dataloader_num_workers
+    from sd3_lora_celeba.data.cached import unpack
+
+    loader = build_loader(config, dataset, sampler, torch.device("cpu"))
+    return map(unpack, loader), config.dataloader_num_workers
 
 
 class PlainDataset(torch.utils.data.Dataset):

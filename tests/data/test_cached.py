@@ -292,3 +292,22 @@ def test_embeddings_stay_in_their_storage_dtype(world_copy):
     dropped = CachedLatentsDataset(world_copy["train"], world_copy["empty"], caption_dropout=1.0)[(0, 1)]
     assert dropped["prompt_embeds"].dtype == torch.float32  # the empty prompt was cached in float32
     assert collate([dataset[(0, 1)], dropped])["prompt_embeds"].dtype == torch.float32
+
+
+def test_packed_batches_from_workers_unpack_to_the_same_tensors(world):
+    """Loader workers hand over one shared buffer per batch (collate_packed); unpack gives collate's batch."""
+    from sd3_lora_celeba.data.cached import collate_packed, unpack
+    from sd3_lora_celeba.train.flow import NoiseDraw
+
+    dataset = CachedLatentsDataset(world["train"], world["empty"], noise_draw=NoiseDraw("logit_normal", 3.0))
+    items = [[(i, 10 + i), (i + 1, 20 + i)] for i in range(NUM_EXAMPLES - 1)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=items, num_workers=2, collate_fn=collate_packed
+    )
+    for batch, item in zip(loader, items, strict=True):
+        assert "_packed" in batch  # one buffer came over, not one tensor per key
+        got, want = unpack(batch), collate([dataset[i] for i in item])
+        assert set(got) == set(want) and got["id"] == want["id"]
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key

@@ -22,6 +22,7 @@ read only the tensors they need and keep the prompt embeddings in their storage 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,19 +388,11 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         return sample
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """Stack; caches stored in different dtypes (say a float32 empty prompt among float16 captions) meet in
-    float32."""
+def _same_dtype(tensors: list[Tensor]) -> list[Tensor]:
+    """Caches stored in different dtypes (say a float32 empty prompt among float16 captions) meet in float32."""
     if any(t.dtype != tensors[0].dtype for t in tensors):
-        tensors = [t.float() for t in tensors]
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        # In a loader worker, stack straight into shared memory (as torch's default_collate does): the batch
-        # then reaches the main process without another copy.
-        first = tensors[0]
-        storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
-        out = first.new(storage).resize_(len(tensors), *first.shape)
-    return torch.stack(tensors, out=out)
+        return [t.float() for t in tensors]
+    return tensors
 
 
 def collate(samples: list[dict]) -> dict:
@@ -408,5 +401,45 @@ def collate(samples: list[dict]) -> dict:
     batch = {key: [s[key] for s in samples] for key in ("id", "variant")}
     for key, value in samples[0].items():
         if isinstance(value, Tensor):
-            batch[key] = _stack([s[key] for s in samples])  # latents, prompt_embeds, pooled, noise, sigmas
+            batch[key] = torch.stack(_same_dtype([s[key] for s in samples]))  # latents, embeds, noise, sigmas
+    return batch
+
+
+_PACKED, _PACKED_LAYOUT = "_packed", "_packed_layout"
+
+
+def collate_packed(samples: list[dict]) -> dict:
+    """:func:`collate` for loader workers: every tensor of the batch stacked into ONE shared-memory buffer.
+
+    A worker hands each tensor to the main process separately (a socket round trip per tensor), which cost
+    more than reading the sample; one buffer per batch is one hand-over. :func:`unpack` restores the tensors
+    (views, no copy). Outside a worker it is plain :func:`collate`."""
+    if torch.utils.data.get_worker_info() is None:
+        return collate(samples)
+    batch = {key: [s[key] for s in samples] for key in ("id", "variant")}
+    stacks = {k: _same_dtype([s[k] for s in samples]) for k, v in samples[0].items() if isinstance(v, Tensor)}
+    layout, offset = [], 0
+    for key, tensors in stacks.items():
+        shape = (len(tensors), *tensors[0].shape)
+        layout.append((key, tensors[0].dtype, shape, offset))
+        offset += -(-math.prod(shape) * tensors[0].element_size() // 64) * 64  # 64-byte aligned
+    buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))
+    for (_key, dtype, shape, start), tensors in zip(layout, stacks.values(), strict=True):
+        torch.stack(tensors, out=_view(buffer, dtype, shape, start))
+    return {**batch, _PACKED: buffer, _PACKED_LAYOUT: layout}
+
+
+def _view(buffer: Tensor, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> Tensor:
+    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return buffer[start : start + size].view(dtype).view(shape)
+
+
+def unpack(batch: dict) -> dict:
+    """The batch of :func:`collate_packed` with its tensors back as entries (views of the one buffer)."""
+    if _PACKED not in batch:
+        return batch
+    batch = dict(batch)
+    buffer, layout = batch.pop(_PACKED), batch.pop(_PACKED_LAYOUT)
+    for key, dtype, shape, start in layout:
+        batch[key] = _view(buffer, dtype, shape, start)
     return batch

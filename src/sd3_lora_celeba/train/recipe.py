@@ -442,12 +442,12 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def build_loader(config: FineTuneConfig, dataset, sampler: ResumableBatchSampler, device: torch.device):
     """Endless micro-batches of this process's slice of the seeded ``(index, sample_seed)`` stream."""
-    from sd3_lora_celeba.data.cached import collate
+    from sd3_lora_celeba.data.cached import collate_packed
 
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collate_packed,  # one shared buffer per batch from a worker; to_device unpacks it
         num_workers=config.dataloader_num_workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_ignore_stop_signals if config.dataloader_num_workers else None,
@@ -512,8 +512,10 @@ EMBEDDINGS = ("prompt_embeds", "pooled_prompt_embeds")
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """The batch's tensors on ``device`` (non-blocking from pinned memory): the embeddings cast from their
     storage dtype to ``dtype`` (the model's input dtype) there, latents, noise and noise levels in float32."""
+    from sd3_lora_celeba.data.cached import unpack
+
     out = {}
-    for key, value in batch.items():
+    for key, value in unpack(batch).items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True).to(dtype if key in EMBEDDINGS else torch.float32)
         out[key] = value
