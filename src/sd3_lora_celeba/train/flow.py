@@ -19,7 +19,7 @@ Which way does a negative ``--logit-mean`` push? It depends on how the density s
   sigma is 0.65.
 
 In both conventions the shift (applied after the density, Eq. 23) moves every sample toward higher noise.
-``tests/train/test_flow.py`` checks these numbers.
+``tests/train/test_train_flow.py`` checks these numbers.
 """
 
 from __future__ import annotations
