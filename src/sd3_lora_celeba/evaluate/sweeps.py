@@ -155,10 +155,11 @@ def write_csv(path: Path, key: str, rows: dict[float, float], as_int: bool = Fal
 def _check_inputs(config: _SweepOptions, split_dir: Path, lora_weight_dir: Path | None = None) -> None:
     """Fail on a bad device, split, empty prompt or LoRA file before the sweep writes anything."""
     resolve_device(config.device)
-    limits = G.ModelLimits.of_model(config.model_name, config.model_revision)
-    G.check_model_limits(limits, config.height, config.width, config.skip_guidance_layers)
+    # Local folders first: a missing split is named before the model is looked up.
     empty = G.find_empty_prompt_dir(split_dir, config.empty_prompt_dir)
     G.select_examples(split_dir, empty, config.num_images)
+    limits = G.ModelLimits.of_model(config.model_name, config.model_revision)
+    G.check_model_limits(limits, config.height, config.width, config.skip_guidance_layers)
     if lora_weight_dir is not None:
         G.check_lora_file(lora_weight_dir)
 
