@@ -93,3 +93,22 @@ def test_missing_model_is_a_one_line_error(tmp_path):
     with pytest.raises(InputError, match="--model-name") as info:
         model_defaults(str(tmp_path / "nope"))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("family, expected_on_cuda", [("sd3-medium", False), ("sd3.5-large", True)])
+def test_gradient_checkpointing_defaults_on_for_large_models_on_cuda(
+    tmp_path, monkeypatch, family, expected_on_cuda
+):
+    import torch
+
+    from sd3_lora_celeba.train.recipe import FineTuneConfig, use_gradient_checkpointing
+
+    model = build_tiny_sd3(tmp_path / family, family)
+    config = FineTuneConfig(train_dir=tmp_path, empty_prompt_dir=tmp_path, model_name=str(model))
+    assert use_gradient_checkpointing(config) is False  # CPU: off unless asked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert use_gradient_checkpointing(config) is expected_on_cuda
+    explicit = FineTuneConfig(
+        train_dir=tmp_path, empty_prompt_dir=tmp_path, model_name=str(model), gradient_checkpointing=False
+    )
+    assert use_gradient_checkpointing(explicit) is False  # the flag wins

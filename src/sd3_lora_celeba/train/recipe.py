@@ -96,8 +96,11 @@ class FineTuneConfig:
         group=MODEL,
     )
     compile: bool = option(False, "torch.compile each transformer block (regional compilation).", group=MODEL)
-    gradient_checkpointing: bool = option(
-        False, "Recompute block activations in the backward pass (less memory).", group=MODEL
+    gradient_checkpointing: bool | None = option(
+        None,
+        "Recompute block activations in the backward pass (less memory). Default: on on CUDA for models too "
+        "large for a 24 GB GPU without it (SD3.5-large), off otherwise.",
+        group=MODEL,
     )
     quantize_base: bool = option(
         False,
@@ -382,9 +385,20 @@ def build_transformer(config: FineTuneConfig, dtype: torch.dtype = torch.float32
     except ValueError as exc:
         raise InputError(str(exc)) from None
     add_lora(transformer, lora_config(targets, config.lora_rank, config.lora_alpha, init="gaussian"))
-    if config.gradient_checkpointing:
+    if use_gradient_checkpointing(config):
         transformer.enable_gradient_checkpointing()
     return transformer
+
+
+def use_gradient_checkpointing(config: FineTuneConfig) -> bool:
+    """``--gradient-checkpointing`` when given; else on for CUDA runs of models that need it to fit 24 GB."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    if not torch.cuda.is_available():
+        return False
+    from sd3_lora_celeba.models.families import model_defaults
+
+    return model_defaults(config.model_name, config.model_revision).gradient_checkpointing
 
 
 def compile_blocks(transformer, backend: str = "inductor") -> None:
