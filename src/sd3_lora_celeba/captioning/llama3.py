@@ -12,8 +12,6 @@ Reproducibility: ``--temperature 0`` decodes greedily. With sampling, torch is s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -33,6 +31,7 @@ from sd3_lora_celeba.data import records
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.models.loading import DEFAULT_LLAMA3_MODEL, LLAMA3_MODEL_ENV, Precision, resolve_dtype
 from sd3_lora_celeba.parallel import process_state, stage_lock
+from sd3_lora_celeba.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +106,8 @@ def example_messages(example_dir: Path, include_subjective: bool) -> list[dict[s
 
 
 def batch_seed(seed: int, example_ids: list[str]) -> int:
-    """A 63-bit seed from ``--seed`` and the batch's example ids: stable across runs and processes."""
-    digest = hashlib.sha256(json.dumps([seed, example_ids]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """A 63-bit seed from ``--seed`` and the batch's example ids (the project's one scheme, :mod:`seeding`)."""
+    return derive_seed(seed, *example_ids)
 
 
 def load_llama3(model_name: str, revision: str | None, dtype: torch.dtype, device: torch.device):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,7 @@ from sd3_lora_celeba.models.loading import (
     resolve_device,
     resolve_dtype,
 )
+from sd3_lora_celeba.seeding import derive_seed  # one scheme: derive_seed(--seed, example id)
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +161,6 @@ class GenerateImagesConfig(SkipLayerGuidance):
 
 
 # --- pure helpers --------------------------------------------------------------------------------------------
-
-
-def derive_seed(seed: int, example_id: str) -> int:
-    """A 63-bit seed for one image from the base seed and the example id (sha256: stable across runs/machines)."""
-    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def initial_latents(example_ids: Sequence[str], seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
