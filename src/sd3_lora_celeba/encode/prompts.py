@@ -54,6 +54,7 @@ from sd3_lora_celeba.encode.latents import read_metadata_or_none
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import atomic_save_safetensors
 from sd3_lora_celeba.models.loading import (
+    CLIP_MAX_LENGTH,
     DEFAULT_SD3_MODEL,
     SD3_MODEL_ENV,
     TEXT_ENCODER_ALIASES,
@@ -67,7 +68,6 @@ from sd3_lora_celeba.models.loading import (
 log = logging.getLogger(__name__)
 
 FORMAT = "sd3-prompt-embeds/1"
-CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512  # StableDiffusion3Pipeline.check_inputs refuses more
 PROMPT_EMBEDS = "prompt_embeds"
 POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"

@@ -46,6 +46,8 @@ Precision = Literal["auto", "float32", "float16", "bfloat16"]
 # A storage dtype (cached embeddings, exported weights): always explicit.
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 
+# SD3 pads / truncates both CLIP prompts to 77 tokens; they fill the first 77 text positions, T5 the rest.
+CLIP_MAX_LENGTH = 77
 TEXT_ENCODER_SUBFOLDERS = {1: "text_encoder", 2: "text_encoder_2", 3: "text_encoder_3"}
 TOKENIZER_SUBFOLDERS = {1: "tokenizer", 2: "tokenizer_2", 3: "tokenizer_3"}
 TEXT_ENCODER_ALIASES = {"1": 1, "2": 2, "3": 3, "clip-l": 1, "clip-g": 2, "t5": 3}

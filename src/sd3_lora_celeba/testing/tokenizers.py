@@ -18,6 +18,8 @@ import itertools
 import math
 from collections import Counter, defaultdict
 
+from sd3_lora_celeba.models.loading import CLIP_MAX_LENGTH
+
 # Common words of face captions (BLIP-2 and Llama 3 style), roughly most frequent first.
 CAPTION_WORDS = tuple(
     """
@@ -66,7 +68,6 @@ EXAMPLE_CAPTION = (
     "outdoors."
 )
 
-CLIP_MAX_LENGTH = 77
 # T5 pieces: words this long or longer are split into a stem and a continuation, as T5 does with rarer words.
 T5_SPLIT_LENGTH = 8
 

@@ -23,12 +23,13 @@ import torch
 from PIL import Image
 
 from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.models.loading import CLIP_MAX_LENGTH
 from sd3_lora_celeba.visualize.capture import CapturedAttention, capture_attention, dual_blocks
 
 log = logging.getLogger(__name__)
 
 BASE_NAME = "base"
-CLIP_POSITIONS = 77  # CLIP prompt embeddings fill the first 77 text positions, T5 the rest
+CLIP_POSITIONS = CLIP_MAX_LENGTH  # CLIP prompt embeddings fill the first 77 text positions, T5 the rest
 MAX_PROMPTS = 3
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 200
