@@ -283,3 +283,24 @@ def test_fused_lora_and_fused_qkv_give_the_stock_pipelines_images(world, tmp_pat
     G.generate_into(pipe, examples, tmp_path / "base", **kwargs)
     for name, expected in _stock_images(world, None).items():
         assert np.abs(_pixels(tmp_path / "base", name) - expected).max() <= 1
+
+
+def test_folders_recorded_under_the_old_revision_key_still_match(tmp_path):
+    import json
+
+    import pytest
+    import torch
+
+    from sd3_lora_celeba.errors import InputError
+    from sd3_lora_celeba.sample.generate import check_generation_settings, generation_settings
+
+    settings = generation_settings(
+        model_name="m", revision="v1", lora=None, prompt_variant="blip2", empty_prompt_dir=tmp_path,
+        num_inference_steps=2, guidance_scale=3.0, seed=0, height=64, width=64, dtype=torch.float32,
+    )  # fmt: skip
+    assert settings["model_revision"] == "v1" and "revision" not in settings
+    old = {("revision" if k == "model_revision" else k): v for k, v in settings.items()}
+    (tmp_path / "generation.json").write_text(json.dumps(old))
+    check_generation_settings(tmp_path, settings, overwrite=False)  # same settings, old key name
+    with pytest.raises(InputError, match="model_revision"):
+        check_generation_settings(tmp_path, {**settings, "model_revision": "v2"}, overwrite=False)

@@ -581,19 +581,19 @@ class Scorer:
         """The point's images (resumable: existing images are kept)."""
         ev = self.plan.evaluation
         images = point.images_dir(self.plan.out)
-        settings = {
-            "model_name": self.plan.base.model_name,
-            "revision": self.plan.base.model_revision,
-            "lora": G.lora_fingerprint(self.lora_dir(point)),
-            "prompt_variant": point.variant,
-            "empty_prompt_dir": str(self.empty_prompt_dir.resolve()),
-            "num_inference_steps": ev.num_inference_steps,
-            "guidance_scale": point.guidance_scale,
-            "seed": ev.seed,
-            "height": ev.height,
-            "width": ev.width,
-            "precision": str(self.dtype).removeprefix("torch."),
-        }
+        settings = G.generation_settings(
+            model_name=self.plan.base.model_name,
+            revision=self.plan.base.model_revision,
+            lora=G.lora_fingerprint(self.lora_dir(point)),
+            prompt_variant=point.variant,
+            empty_prompt_dir=self.empty_prompt_dir,
+            num_inference_steps=ev.num_inference_steps,
+            guidance_scale=point.guidance_scale,
+            seed=ev.seed,
+            height=ev.height,
+            width=ev.width,
+            dtype=self.dtype,
+        )
         _check_generation_settings(images, settings)
         remove_stale_temp_files(images, recursive=False)  # this process alone writes this folder
         if any(not G.output_path(images, d).is_file() for d in self.examples):

@@ -239,7 +239,7 @@ def generation_settings(
     ``--compile`` do not). Skip-layer guidance keys appear only when it is on, so older folders still match."""
     return {
         "model_name": model_name,
-        "revision": revision,
+        "model_revision": revision,
         "lora": lora,
         "prompt_variant": prompt_variant,
         "empty_prompt_dir": str(Path(empty_prompt_dir).resolve()),
@@ -285,6 +285,8 @@ def check_generation_settings(output_dir: Path, settings: dict[str, Any], overwr
         raise InputError(
             f"{path}: unreadable ({type(exc).__name__}); delete it or pass --overwrite"
         ) from None
+    if "revision" in old and "model_revision" not in old:  # folders recorded before the flag's rename
+        old["model_revision"] = old.pop("revision")
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if changed:
         first = changed[0]
