@@ -30,15 +30,15 @@ from sd3_lora_celeba.train.tracking import read_metrics
 HERE = Path(__file__).parent
 
 
-def run_cli(args: list[str], tiny_model: Path):
+def run_cli(args: list[str], tiny_sd3: Path):
     return CliRunner().invoke(
-        cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env={SD3_MODEL_ENV: str(tiny_model)}
+        cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env={SD3_MODEL_ENV: str(tiny_sd3)}
     )
 
 
-def test_golden_losses(tiny_world, tiny_model, tmp_path):
+def test_golden_losses(tiny_world, tiny_sd3, tmp_path):
     """Regenerate with ``python tests/train/make_golden.py`` (and say why in the commit)."""
-    invoke(golden_command(tiny_world, tmp_path / "run", *GOLDEN_FILE_ARGS), {SD3_MODEL_ENV: str(tiny_model)})
+    invoke(golden_command(tiny_world, tmp_path / "run", *GOLDEN_FILE_ARGS), {SD3_MODEL_ENV: str(tiny_sd3)})
     expected = json.loads(GOLDEN_FILE.read_text())["losses"]
     got = losses(tmp_path / "run")
     assert len(got) == GOLDEN_STEPS
@@ -83,19 +83,19 @@ KILL_AFTER_WRITES = HERE.parent / "reliability" / "kill_after_writes.py"
     ids=["mid-step-3", "mid-step-2-no-checkpoint", "publishing-checkpoint-4"],
 )
 def test_sigkill_then_resume_gives_the_same_losses(
-    golden_run, tiny_world, tiny_model, tmp_path, killer, point, checkpoints_left
+    golden_run, tiny_world, tiny_sd3, tmp_path, killer, point, checkpoints_left
 ):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(killer), point, *golden_command(tiny_world, run_dir)],
-        env=subprocess_env(tiny_model),
+        env=subprocess_env(tiny_sd3),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in layout.list_checkpoints(run_dir)] == checkpoints_left
-    invoke(golden_command(tiny_world, run_dir, "--resume", "auto"), {SD3_MODEL_ENV: str(tiny_model)})
+    invoke(golden_command(tiny_world, run_dir, "--resume", "auto"), {SD3_MODEL_ENV: str(tiny_sd3)})
     assert losses(run_dir) == pytest.approx(losses(golden_run), rel=1e-6, abs=1e-7)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     torch.testing.assert_close(
@@ -119,7 +119,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accelerate_two_cpu_processes_match_one_process(golden_run, tiny_world, tiny_model, tmp_path):
+def test_accelerate_two_cpu_processes_match_one_process(golden_run, tiny_world, tiny_sd3, tmp_path):
     """2 processes x batch 1 see the same global batches as 1 process x batch 2: same losses (DDP over gloo).
 
     ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple launcher); real CPU DDP
@@ -133,7 +133,7 @@ def test_accelerate_two_cpu_processes_match_one_process(golden_run, tiny_world, 
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(_free_port()),
          "-m", "sd3_lora_celeba.cli", "--quiet", *command],
-        env={**subprocess_env(tiny_model), "ACCELERATE_USE_CPU": "1"},
+        env={**subprocess_env(tiny_sd3), "ACCELERATE_USE_CPU": "1"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -162,10 +162,10 @@ SEED_FLAGS = [
 ]  # fmt: skip
 
 
-def test_seed_readme_command_runs_and_a_rerun_does_not_clobber(tiny_world, tiny_model, tmp_path, monkeypatch):
+def test_seed_readme_command_runs_and_a_rerun_does_not_clobber(tiny_world, tiny_sd3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fine-tune", tiny_world / "train", tiny_world / layout.EMPTY_PROMPT_DIR, *SEED_FLAGS]
-    result = run_cli(args, tiny_model)
+    result = run_cli(args, tiny_sd3)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "fine-tune"  # the documented default --output-dir
     assert [p.name for p in layout.list_checkpoints(run_dir)] == ["checkpoint-000001"]
@@ -176,13 +176,13 @@ def test_seed_readme_command_runs_and_a_rerun_does_not_clobber(tiny_world, tiny_
     assert config["amp"] and config["lora_rank"] == 64 and config["logit_mean"] == -0.5
     before = (run_dir / "checkpoint-000001" / layout.LORA_WEIGHTS).read_bytes()
     # Running the same command again finds the finished run and leaves it alone.
-    again = run_cli(args, tiny_model)
+    again = run_cli(args, tiny_sd3)
     assert again.exit_code == 0, again.output
     assert (run_dir / "checkpoint-000001" / layout.LORA_WEIGHTS).read_bytes() == before
     assert len(read_metrics(run_dir)) == 1
 
 
-def test_nan_loss_is_reported_skipped_and_never_saved(tiny_world, tiny_model, tmp_path, monkeypatch):
+def test_nan_loss_is_reported_skipped_and_never_saved(tiny_world, tiny_sd3, tmp_path, monkeypatch):
     real = flow.weighted_mse
     calls = {"n": 0}
 
@@ -194,7 +194,7 @@ def test_nan_loss_is_reported_skipped_and_never_saved(tiny_world, tiny_model, tm
     monkeypatch.setattr(flow, "weighted_mse", poisoned)
     run_dir = tmp_path / "run"
     args = golden_command(tiny_world, run_dir, "--max-nan-steps", "2", "--checkpointing-steps", "1")
-    result = run_cli(args, tiny_model)
+    result = run_cli(args, tiny_sd3)
     assert result.exit_code != 0
     assert "2 consecutive non-finite steps" in str(result.exception)
     assert "step 2: non-finite loss" in result.output
@@ -250,34 +250,34 @@ class _Cfg:
         (["--resume", "latest"], "no complete checkpoint"),
     ],
 )
-def test_bad_options_are_one_line_errors(tiny_world, tiny_model, tmp_path, extra, message):
-    result = run_cli(golden_command(tiny_world, tmp_path / "run", *extra), tiny_model)
+def test_bad_options_are_one_line_errors(tiny_world, tiny_sd3, tmp_path, extra, message):
+    result = run_cli(golden_command(tiny_world, tmp_path / "run", *extra), tiny_sd3)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_missing_caches_are_one_line_errors(tiny_world, tiny_model, tmp_path):
+def test_missing_caches_are_one_line_errors(tiny_world, tiny_sd3, tmp_path):
     from train_helpers import make_examples
 
     make_examples(tmp_path / "raw", 2)
     result = run_cli(golden_command(tiny_world, tmp_path / "run")[:1] + [tmp_path / "raw"]
-                     + golden_command(tiny_world, tmp_path / "run")[2:], tiny_model)  # fmt: skip
+                     + golden_command(tiny_world, tmp_path / "run")[2:], tiny_sd3)  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "compute-latent-dist" in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_resuming_a_checkpoint_of_another_config_is_refused(golden_run, tiny_world, tiny_model, tmp_path):
+def test_resuming_a_checkpoint_of_another_config_is_refused(golden_run, tiny_world, tiny_sd3, tmp_path):
     args = golden_command(tiny_world, tmp_path / "run", "--resume", str(golden_run / "checkpoint-000002"))
     args[args.index("--lora-rank") + 1] = "8"
-    result = run_cli(args, tiny_model)
+    result = run_cli(args, tiny_sd3)
     assert result.exit_code == 2, result.output
     assert "incompatible run" in result.output and "lora_rank 4 -> 8" in result.output
     # --resume never refuses a folder that already holds checkpoints.
-    never = run_cli(golden_command(tiny_world, golden_run, "--resume", "never"), tiny_model)
+    never = run_cli(golden_command(tiny_world, golden_run, "--resume", "never"), tiny_sd3)
     assert never.exit_code == 2 and "already holds checkpoints" in never.output
 
 
-def test_validation_fid_call_site(tiny_world, tiny_model, tmp_path, monkeypatch):
+def test_validation_fid_call_site(tiny_world, tiny_sd3, tmp_path, monkeypatch):
     """--validation-fid-every N calls the evaluate stage's validation_fid every N steps, logged to metrics.jsonl."""
     import sd3_lora_celeba.evaluate.validation as validation
 
@@ -291,10 +291,10 @@ def test_validation_fid_call_site(tiny_world, tiny_model, tmp_path, monkeypatch)
     args = golden_command(
         tiny_world, tmp_path / "run", "--validation-fid-every", "2", "--num-training-steps", "2"
     )
-    missing = run_cli(args, tiny_model)
+    missing = run_cli(args, tiny_sd3)
     assert missing.exit_code == 2 and "validation split not found" in missing.output
     result = run_cli(
-        [*args, "--validation-dir", tiny_world / "train", "--validation-num-images", "3"], tiny_model
+        [*args, "--validation-dir", tiny_world / "train", "--validation-num-images", "3"], tiny_sd3
     )
     assert result.exit_code == 0, result.output
     assert len(calls) == 1 and calls[0]["num_images"] == 3 and calls[0]["split_dir"] == tiny_world / "train"

@@ -20,18 +20,18 @@ def _inputs(transformer):
     }
 
 
-def test_checkpoint_loads_in_stock_diffusers_and_matches_training_model(golden_run, tiny_world, tiny_model):
+def test_checkpoint_loads_in_stock_diffusers_and_matches_training_model(golden_run, tiny_world, tiny_sd3):
     checkpoint = golden_run / "checkpoint-000004"
     # The training-side model: the recipe's transformer with the checkpoint's LoRA (what resume restores).
     config = FineTuneConfig(
-        train_dir=tiny_world / "train", empty_prompt_dir=tiny_world / "empty-prompt", model_name=str(tiny_model),
+        train_dir=tiny_world / "train", empty_prompt_dir=tiny_world / "empty-prompt", model_name=str(tiny_sd3),
         lora_blocks=(4, 5, 22), lora_rank=4, lora_alpha=8.0,
     )  # fmt: skip
     trained = build_transformer(config).eval()
     ckpt.load_lora_weights(trained, checkpoint)
     inputs = _inputs(trained)
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
     with torch.no_grad():
         base = pipe.transformer(**inputs).sample
         pipe.load_lora_weights(str(checkpoint))  # stock diffusers, no help from this package

@@ -27,9 +27,9 @@ from sd3_lora_celeba.train.tracking import read_metrics
 HERE = Path(__file__).parent
 
 
-def run_cli(args: list, tiny_model: Path):
+def run_cli(args: list, tiny_sd3: Path):
     return CliRunner().invoke(
-        cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env={SD3_MODEL_ENV: str(tiny_model)}
+        cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env={SD3_MODEL_ENV: str(tiny_sd3)}
     )
 
 
@@ -57,13 +57,13 @@ class _WritesMarker:
         return (os.mkdir, (self.path,))
 
 
-def test_a_crafted_training_state_runs_no_code(run_copy, tiny_world, tiny_model, tmp_path):
+def test_a_crafted_training_state_runs_no_code(run_copy, tiny_world, tiny_sd3, tmp_path):
     marker = tmp_path / "pwned"
     checkpoint = run_copy / "checkpoint-000004"
     torch.save({"step": 4, "payload": _WritesMarker(marker)}, checkpoint / layout.TRAINING_STATE)
     with pytest.raises(InputError, match="training_state.pt: unreadable training state"):
         ckpt.load_training_state(checkpoint)
-    result = run_cli(golden_command(tiny_world, run_copy), tiny_model)
+    result = run_cli(golden_command(tiny_world, run_copy), tiny_sd3)
     one_line_error(result, str(checkpoint / layout.TRAINING_STATE), "--resume", "checkpoint-000002")
     assert not marker.exists()
     # The file really is dangerous: full unpickling would have run it (so the test above can fail).
@@ -79,12 +79,12 @@ def test_training_state_holds_plain_values_only(golden_run):
     ckpt.set_rng_states(state["rng"])  # restores from the plain form
 
 
-def test_a_second_process_on_the_same_run_folder_is_refused(tiny_world, tiny_model, tmp_path):
+def test_a_second_process_on_the_same_run_folder_is_refused(tiny_world, tiny_sd3, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "what": "sd3 fine-tune"}
     (run_dir / LOCK_NAME).write_text(json.dumps(holder))
-    result = run_cli(golden_command(tiny_world, run_dir), tiny_model)
+    result = run_cli(golden_command(tiny_world, run_dir), tiny_sd3)
     one_line_error(result, "in use by sd3 fine-tune", f"pid {os.getppid()}")
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]  # nothing written
 
@@ -103,7 +103,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tiny_world, tiny_mod
     ],
     ids=lambda v: v[0] if isinstance(v, list) and v and v[0].startswith("--") else "",
 )
-def test_resume_refuses_changed_settings(golden_run, tiny_world, tiny_model, tmp_path, extra, needles):
+def test_resume_refuses_changed_settings(golden_run, tiny_world, tiny_sd3, tmp_path, extra, needles):
     args = golden_command(tiny_world, tmp_path / "run", "--resume", golden_run / "checkpoint-000002")
     for flag, value in zip(extra[::2], extra[1::2], strict=False):
         if flag in args:
@@ -112,17 +112,17 @@ def test_resume_refuses_changed_settings(golden_run, tiny_world, tiny_model, tmp
             args += [flag, value]
     if extra == ["--amp"]:
         args.append("--amp")
-    one_line_error(run_cli(args, tiny_model), "checkpoint-000002", *needles)
+    one_line_error(run_cli(args, tiny_sd3), "checkpoint-000002", *needles)
     assert not (tmp_path / "run" / layout.RUN_CONFIG).exists()
 
 
-def test_resume_accepts_allowed_and_operational_changes(golden_run, tiny_world, tiny_model, tmp_path):
+def test_resume_accepts_allowed_and_operational_changes(golden_run, tiny_world, tiny_sd3, tmp_path):
     run_dir = tmp_path / "run"
     args = golden_command(tiny_world, run_dir, "--resume", golden_run / "checkpoint-000002")
     args[args.index("--learning-rate") + 1] = "2e-3"
     args[args.index("--checkpointing-steps") + 1] = "1"
     args += ["--allow-changed", "learning-rate", "--dataloader-num-workers", "1"]
-    invoke(args, {SD3_MODEL_ENV: str(tiny_model)})
+    invoke(args, {SD3_MODEL_ENV: str(tiny_sd3)})
     assert [p.name for p in layout.list_checkpoints(run_dir)] == ["checkpoint-000003", "checkpoint-000004"]
     # Step 3's loss comes before its update: the same; step 4's follows an update at the new learning rate.
     assert losses(run_dir)[0] == pytest.approx(losses(golden_run)[2], rel=1e-6)
@@ -131,7 +131,7 @@ def test_resume_accepts_allowed_and_operational_changes(golden_run, tiny_world, 
     assert config["learning_rate"] == 2e-3 and config["dataloader_num_workers"] == 1
 
 
-def test_resume_checks_the_sampler_state(run_copy, tiny_world, tiny_model):
+def test_resume_checks_the_sampler_state(run_copy, tiny_world, tiny_sd3):
     path = run_copy / "checkpoint-000004" / layout.TRAINING_STATE
     state = torch.load(path, weights_only=True)
     state["sampler"]["num_examples"] = 5
@@ -139,18 +139,18 @@ def test_resume_checks_the_sampler_state(run_copy, tiny_world, tiny_model):
     args = golden_command(
         tiny_world, run_copy, "--num-training-steps", "6", "--allow-changed", "num-training-steps"
     )
-    one_line_error(run_cli(args, tiny_model), "TRAIN_DIR (number of examples) 5 -> 6")
+    one_line_error(run_cli(args, tiny_sd3), "TRAIN_DIR (number of examples) 5 -> 6")
     state["sampler"]["num_examples"], state["sampler"]["consumed"] = 6, 3
     torch.save(state, path)
-    one_line_error(run_cli(args, tiny_model), "inconsistent data position", "checkpoint-000002")
+    one_line_error(run_cli(args, tiny_sd3), "inconsistent data position", "checkpoint-000002")
 
 
-def test_rewinding_keeps_the_old_branch_and_its_metrics(run_copy, golden_run, tiny_world, tiny_model):
+def test_rewinding_keeps_the_old_branch_and_its_metrics(run_copy, golden_run, tiny_world, tiny_sd3):
     old_lora = (run_copy / "checkpoint-000004" / layout.LORA_WEIGHTS).read_bytes()
     (run_copy / ".tmp-old-checkpoint-000004").mkdir()  # left by a kill while re-saving a step
     invoke(
         golden_command(tiny_world, run_copy, "--resume", run_copy / "checkpoint-000002"),
-        {SD3_MODEL_ENV: str(tiny_model)},
+        {SD3_MODEL_ENV: str(tiny_sd3)},
     )
     (branch,) = (run_copy / ckpt.BRANCHES_DIR).iterdir()
     assert branch.name.endswith("-from-step-000002")
@@ -164,19 +164,19 @@ def test_rewinding_keeps_the_old_branch_and_its_metrics(run_copy, golden_run, ti
     assert ckpt.resolve_resume("auto", run_copy) == run_copy / "checkpoint-000004"
 
 
-def test_the_dataset_root_is_refused_as_train_dir(tiny_world, tiny_model, tmp_path):
+def test_the_dataset_root_is_refused_as_train_dir(tiny_world, tiny_sd3, tmp_path):
     root = tmp_path / "dataset"
     (root / "train").mkdir(parents=True)
     (root / "val").mkdir()
     args = golden_command(tiny_world, tmp_path / "run")
     args[1] = str(root)
-    one_line_error(run_cli(args, tiny_model), "TRAIN_DIR holds the val split", str(root / "train"))
+    one_line_error(run_cli(args, tiny_sd3), "TRAIN_DIR holds the val split", str(root / "train"))
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("damage", ["truncated-state", "garbage-state", "no-optimizer", "garbage-lora"])
 def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_offered(
-    run_copy, tiny_world, tiny_model, damage
+    run_copy, tiny_world, tiny_sd3, damage
 ):
     newest = run_copy / "checkpoint-000004"
     state_path, lora_path = newest / layout.TRAINING_STATE, newest / layout.LORA_WEIGHTS
@@ -194,43 +194,43 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_offered(
     args = golden_command(
         tiny_world, run_copy, "--num-training-steps", "6", "--allow-changed", "num-training-steps"
     )
-    result = run_cli(args, tiny_model)
+    result = run_cli(args, tiny_sd3)
     one_line_error(result, str(bad), f"--resume {run_copy / 'checkpoint-000002'}")
     if damage == "no-optimizer":
         assert "lacks optimizer" in result.output
     # Taking the advice works.
     args += ["--resume", str(run_copy / "checkpoint-000002")]
-    assert run_cli(args, tiny_model).exit_code == 0
+    assert run_cli(args, tiny_sd3).exit_code == 0
 
 
-def _signalled_run(tiny_world, tiny_model, run_dir: Path, signal_name: str, times: str, at: int = 5):
+def _signalled_run(tiny_world, tiny_sd3, run_dir: Path, signal_name: str, times: str, at: int = 5):
     return subprocess.run(
         [sys.executable, str(HERE / "signal_mid_step.py"), str(at), signal_name, times,
          *golden_command(tiny_world, run_dir)],
-        env=subprocess_env(tiny_model), capture_output=True, text=True, timeout=300,
+        env=subprocess_env(tiny_sd3), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("signal_name, code", [("TERM", 143), ("INT", 130)])
 def test_a_signal_finishes_the_step_checkpoints_and_resumes_exactly(
-    golden_run, tiny_world, tiny_model, tmp_path, signal_name, code
+    golden_run, tiny_world, tiny_sd3, tmp_path, signal_name, code
 ):
     run_dir = tmp_path / "run"
     # Forward call 5 is the first micro-batch of step 3: the run finishes step 3, saves it and stops.
-    proc = _signalled_run(tiny_world, tiny_model, run_dir, signal_name, "once")
+    proc = _signalled_run(tiny_world, tiny_sd3, run_dir, signal_name, "once")
     assert proc.returncode == code, proc.stderr[-3000:]
     assert [p.name for p in layout.list_checkpoints(run_dir)] == ["checkpoint-000002", "checkpoint-000003"]
     said = [line for line in proc.stderr.splitlines() if "resume with the same command" in line]
     assert len(said) == 1 and "stopped at step 3" in said[0]
     assert "Traceback" not in proc.stderr
-    invoke(golden_command(tiny_world, run_dir), {SD3_MODEL_ENV: str(tiny_model)})
+    invoke(golden_command(tiny_world, run_dir), {SD3_MODEL_ENV: str(tiny_sd3)})
     assert losses(run_dir) == pytest.approx(losses(golden_run), rel=1e-6, abs=1e-7)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
-def test_a_second_signal_stops_at_once(tiny_world, tiny_model, tmp_path):
+def test_a_second_signal_stops_at_once(tiny_world, tiny_sd3, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _signalled_run(tiny_world, tiny_model, run_dir, "TERM", "twice")
+    proc = _signalled_run(tiny_world, tiny_sd3, run_dir, "TERM", "twice")
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert [p.name for p in layout.list_checkpoints(run_dir)] == ["checkpoint-000002"]
     assert "Traceback" not in proc.stderr and "second SIGTERM" in proc.stderr

@@ -10,9 +10,9 @@ import torch
 from sd3_lora_celeba.train import flow, recipe
 
 
-def _parts(tiny_model, compile_backend: str | None):
+def _parts(tiny_sd3, compile_backend: str | None):
     config = recipe.FineTuneConfig(
-        train_dir=".", empty_prompt_dir=".", model_name=str(tiny_model), lora_blocks=(1, 2), lora_rank=4,
+        train_dir=".", empty_prompt_dir=".", model_name=str(tiny_sd3), lora_blocks=(1, 2), lora_rank=4,
         learning_rate=1e-2, lr_warmup_steps=0, gradient_accumulation_steps=2,
     )  # fmt: skip
     accelerator, dtype = recipe.make_accelerator(config)
@@ -40,8 +40,8 @@ def _batch(model) -> dict:
     }
 
 
-def test_cpu_defaults_are_float32_without_autocast(tiny_model):
-    config, accelerator, dtype, model, *_ = _parts(tiny_model, None)
+def test_cpu_defaults_are_float32_without_autocast(tiny_sd3):
+    config, accelerator, dtype, model, *_ = _parts(tiny_sd3, None)
     assert dtype == torch.float32 and accelerator.mixed_precision == "no"
     assert recipe.resolve_precision(config, torch.device("cpu")) == (torch.float32, "no")
     amp = recipe.FineTuneConfig(train_dir=".", empty_prompt_dir=".", amp=True)
@@ -60,12 +60,12 @@ def test_cuda_defaults_are_bf16_storage_and_autocast(monkeypatch, bf16, expected
     assert recipe.resolve_precision(no_amp, torch.device("cuda")) == (torch.float32, "no")
 
 
-def test_train_step_updates_the_lora_and_compiled_blocks_agree(tiny_model):
+def test_train_step_updates_the_lora_and_compiled_blocks_agree(tiny_sd3):
     """--compile (regional, here with the aot_eager backend: no C++ toolchain needed in the test) gives the
     same loss and the same LoRA update as the eager step."""
     results = []
     for backend in (None, "aot_eager"):
-        config, accelerator, dtype, model, optimizer, params = _parts(tiny_model, backend)
+        config, accelerator, dtype, model, optimizer, params = _parts(tiny_sd3, backend)
         before = [p.detach().clone() for p in params]
         batches = itertools.repeat(_batch(accelerator.unwrap_model(model)))
         result = recipe.train_step(model, optimizer, params, batches, config, accelerator, dtype)

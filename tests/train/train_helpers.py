@@ -41,13 +41,13 @@ def make_examples(split_dir: Path, count: int, seed: int = 0) -> None:
         (d / layout.EXAMPLE_RECORD).write_text(json.dumps(record), encoding="utf-8")
 
 
-def build_world(root: Path, tiny_model: Path) -> Path:
+def build_world(root: Path, tiny_sd3: Path) -> Path:
     """Dataset folder with a cached 6-example train split and the cached empty prompt, made by the real commands."""
     make_examples(root / "train", NUM_EXAMPLES)
     empty = root / layout.EMPTY_PROMPT_DIR
     empty.mkdir()
     (empty / layout.prompt_file("empty")).write_text("", encoding="utf-8")
-    env = {SD3_MODEL_ENV: str(tiny_model)}
+    env = {SD3_MODEL_ENV: str(tiny_sd3)}
     invoke(["compute-latent-dist", root / "train"], env)
     for encoder in (1, 2, 3):
         invoke(["compute-prompt-embeds", encoder, root / "train"], env)
@@ -55,10 +55,10 @@ def build_world(root: Path, tiny_model: Path) -> Path:
     return root
 
 
-def subprocess_env(tiny_model: Path) -> dict[str, str]:
+def subprocess_env(tiny_sd3: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        {SD3_MODEL_ENV: str(tiny_model), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        {SD3_MODEL_ENV: str(tiny_sd3), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     )
     return env
 

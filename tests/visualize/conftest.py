@@ -1,4 +1,5 @@
-"""Tiny SD3 world shared by the visualisation tests: the pipeline folder, a loaded pipeline and LoRA folders."""
+"""Tiny SD3 world shared by the visualisation tests: a loaded pipeline and LoRA folders on the session's
+``tiny_sd3`` folder (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
-
 MAX_SEQ = 64  # T5 positions of the shared explorer: a 35-word caption is about 50 T5 tokens
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3_path(tmp_path_factory) -> Path:
-    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3")
-
-
-@pytest.fixture(scope="session")
-def tiny_pipe(tiny_sd3_path):
+def tiny_pipe(tiny_sd3):
     """The tiny pipeline, loaded once (tests must not leave LoRA adapters or processors in it)."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -46,11 +40,11 @@ def make_lora_folder(
 
 
 @pytest.fixture(scope="session")
-def lora_dirs(tiny_sd3_path, tmp_path_factory) -> tuple[Path, Path]:
+def lora_dirs(tiny_sd3, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("loras")
     return (
-        make_lora_folder(tiny_sd3_path, root / "checkpoint-000010", blocks=(2, 3, 4), seed=1),
-        make_lora_folder(tiny_sd3_path, root / "checkpoint-000020", blocks=(4, 5, 6, 7), seed=2),
+        make_lora_folder(tiny_sd3, root / "checkpoint-000010", blocks=(2, 3, 4), seed=1),
+        make_lora_folder(tiny_sd3, root / "checkpoint-000020", blocks=(4, 5, 6, 7), seed=2),
     )
 
 
@@ -88,14 +82,14 @@ def corrupt_lora_dir(lora_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def explorer(tiny_sd3_path, lora_dirs, bad_lora_dir, corrupt_lora_dir, tmp_path_factory):
+def explorer(tiny_sd3, lora_dirs, bad_lora_dir, corrupt_lora_dir, tmp_path_factory):
     """The app engine on the tiny model: two good LoRAs, one that does not fit, a corrupt one, a missing one."""
     from sd3_lora_celeba.visualize.app import VisualizeConfig, load_explorer
 
     missing = tmp_path_factory.mktemp("missing") / "checkpoint-none"
     config = VisualizeConfig(
         lora_weight_dir=(lora_dirs[0], bad_lora_dir, corrupt_lora_dir, missing, lora_dirs[1]),
-        model_name=str(tiny_sd3_path),
+        model_name=str(tiny_sd3),
         device="cpu",
         max_sequence_length=MAX_SEQ,
     )
