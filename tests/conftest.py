@@ -47,14 +47,42 @@ def tiny_sd3(tmp_path_factory) -> Path:
     return build_tiny_sd3(tmp_path_factory.getbasetemp() / "tiny-sd3")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def tiny_sd3_family(tmp_path_factory) -> Callable[[str], Path]:
+    """``tiny_sd3_family("sd3.5-medium")``: the saved tiny model folder of that family (a name of
+    ``TINY_SPECS``), built on first use and shared by the session (read-only: copy before editing)."""
+    from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
+
+    root = tmp_path_factory.mktemp("tiny-families")
+    return lambda family: build_tiny_sd3(root / family, family)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, tiny_sd3):
+    """The tiny FID world of tests/fid_world.py on the session's ``tiny_sd3`` (read-only: copy before editing)."""
+    from fid_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("fid-world"), model=tiny_sd3)
+
+
+@pytest.fixture(scope="session")
 def run_cli() -> Callable[..., Result]:
-    """``run_cli(*args, env=None)``: run ``sd3 --quiet --logging-style plain ARGS...`` in-process with click's
-    CliRunner and return its result (``exit_code``, ``output`` = stdout + stderr, ``exception``)."""
+    """``run_cli(*args, env=None, logging_style="plain", catch_exceptions=True)``: run
+    ``sd3 --quiet --logging-style plain ARGS...`` in-process with click's CliRunner and return its result
+    (``exit_code``, ``output`` = stdout + stderr, ``exception``). ``logging_style=None`` leaves the CLI's default
+    style; ``catch_exceptions=False`` lets an unexpected exception fail the test with its traceback."""
     from sd3_lora_celeba.cli import cli
 
-    def run(*args: object, env: dict[str, str] | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env=env)
+    def run(
+        *args: object,
+        env: dict[str, str] | None = None,
+        logging_style: str | None = "plain",
+        catch_exceptions: bool = True,
+    ) -> Result:
+        style = ["--logging-style", logging_style] if logging_style else []
+        return CliRunner().invoke(
+            cli, ["--quiet", *style, *map(str, args)], env=env, catch_exceptions=catch_exceptions
+        )
 
     return run
 
@@ -65,9 +93,11 @@ def write_example_folder(
     seed: int = 0,
     size: tuple[int, int] = (64, 64),
     captions: tuple[str, ...] = ("blip2", "llama3"),
+    texts: dict[str, str] | None = None,
 ) -> Path:
     """One example folder as ``prepare-celeba-hq`` writes it: a seeded random JPEG, ``example.json`` with the
-    40 attributes, and a caption of realistic length per variant in ``captions`` (distinct per ``seed``)."""
+    40 attributes, and a caption of realistic length per variant in ``captions`` (distinct per ``seed``).
+    ``texts`` (variant -> caption) replaces those captions."""
     import numpy as np
     from PIL import Image
 
@@ -86,7 +116,10 @@ def write_example_folder(
         "attributes": attributes,
     }
     (folder / layout.EXAMPLE_RECORD).write_text(json.dumps(record), encoding="utf-8")
-    if captions:
+    if texts is not None:
+        for variant, text in texts.items():
+            (folder / layout.prompt_file(variant)).write_text(text, encoding="utf-8")
+    elif captions:
         hair = "red" if seed % 2 else "blue"
         texts = {
             "blip2": f"a close up photo of a young person number {seed} with {hair} hair, smiling at the camera",
@@ -101,7 +134,7 @@ def write_example_folder(
 
 @pytest.fixture
 def write_example() -> Callable[..., Path]:
-    """``write_example(split_dir, example_id, seed=0, size=(64, 64), captions=("blip2", "llama3"))``."""
+    """``write_example(split_dir, example_id, seed=0, size=(64, 64), captions=("blip2", "llama3"), texts=None)``."""
     return write_example_folder
 
 

@@ -1,4 +1,5 @@
-"""Synthetic CelebAMask-HQ + CelebA releases shared by the data tests (copy before corrupting them)."""
+"""Synthetic CelebAMask-HQ + CelebA releases shared by the data tests (copy before corrupting them); ``run_cli``
+comes from tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from sd3_lora_celeba.cli import cli
 from sd3_lora_celeba.testing.celeba_synth import (
     SyntheticCelebARelease,
     SyntheticHQRelease,
@@ -36,10 +36,10 @@ def release_copy(releases, tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def prepared_hq(releases, tmp_path_factory) -> Path:
+def prepared_hq(releases, tmp_path_factory, run_cli) -> Path:
     """A dataset made by ``prepare-celeba-hq`` from the synthetic release (read-only: copy it)."""
     dst = tmp_path_factory.mktemp("prepared") / "dataset"
-    assert _run_cli("prepare-celeba-hq", releases[0].root, dst).exit_code == 0
+    assert run_cli("prepare-celeba-hq", releases[0].root, dst).exit_code == 0
     return dst
 
 
@@ -51,22 +51,12 @@ def hq_dataset(prepared_hq, tmp_path) -> Path:
     return dst
 
 
-def _run_cli(*args: object) -> Result:
-    return CliRunner().invoke(cli, ["--quiet", "--logging-style", "plain", *map(str, args)])
-
-
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {
         str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
         for p in folder.rglob("*")
         if p.is_file()
     }
-
-
-@pytest.fixture
-def run_cli():
-    """``run_cli(*args)``: invoke ``sd3 --quiet ... args`` through CliRunner."""
-    return _run_cli
 
 
 @pytest.fixture

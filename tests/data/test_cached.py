@@ -17,7 +17,6 @@ from sd3_lora_celeba.data.cached import CachedLatentsDataset, collate, load_join
 from sd3_lora_celeba.encode.latents import ComputeLatentDistConfig, compute_latent_dist
 from sd3_lora_celeba.encode.prompts import ComputePromptEmbedsConfig, compute_prompt_embeds
 from sd3_lora_celeba.errors import InputError
-from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
 
 NUM_EXAMPLES = 6
 
@@ -27,9 +26,9 @@ def caption(i: int, variant: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def world(tmp_path_factory, tiny_sd3) -> dict:
     """A train split of distinctive examples with every cache (float32), and the empty-prompt folder."""
-    model = build_tiny_sd3(tmp_path_factory.getbasetemp() / "tiny-sd3")
+    model = tiny_sd3
     root = tmp_path_factory.mktemp("cached") / "dataset"
     rng = np.random.default_rng(0)
     for i in range(NUM_EXAMPLES):

@@ -57,20 +57,13 @@ def _write(path: Path, spec: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(world, tmp_path_factory, cli_run_module) -> Path:
+def dataset(world, tmp_path_factory, run_cli) -> Path:
     """The FID world's dataset with latents cached, so its test split also serves as a training split."""
     root = tmp_path_factory.mktemp("exp-world") / "dataset"
     shutil.copytree(world.dataset, root)
-    r = cli_run_module("compute-latent-dist", root / "test", env=world.env)
+    r = run_cli("compute-latent-dist", root / "test", env=world.env)
     assert r.exit_code == 0, r.output
     return root
-
-
-@pytest.fixture(scope="module")
-def cli_run_module():
-    from fid_world import run_cli
-
-    return run_cli
 
 
 # --- the grid and the checks before anything is written ---------------------------------------------------
@@ -113,7 +106,7 @@ def test_bad_grids_are_one_line_errors(fine_tune, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_bad_experiment_files_fail_before_anything_is_written(world, dataset, tmp_path, cli_run):
+def test_bad_experiment_files_fail_before_anything_is_written(world, dataset, tmp_path, run_cli):
     out = tmp_path / "exp"
     good = {
         "output_dir": str(out),
@@ -131,10 +124,10 @@ def test_bad_experiment_files_fail_before_anything_is_written(world, dataset, tm
         ({**good, "evalution": {}}, "evalution"),
     ]
     for spec, message in cases:
-        r = cli_run("experiment", _write(tmp_path / "exp.yaml", spec), env=world.env)
+        r = run_cli("experiment", _write(tmp_path / "exp.yaml", spec), env=world.env)
         assert r.exit_code == 2 and message in r.output, (message, r.output)
         assert not out.exists()
-    r = cli_run("experiment", _write(tmp_path / "exp.yaml", good), "--dry-run", env=world.env)
+    r = run_cli("experiment", _write(tmp_path / "exp.yaml", good), "--dry-run", env=world.env)
     assert (
         r.exit_code == 0
         and "logit_mean=-0.5: Fine-Tuned with logit_mean = -0.5; checkpoints [1, 2]" in r.output
@@ -169,7 +162,7 @@ def _mtimes(folder: Path, pattern: str) -> dict[Path, int]:
 
 
 def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
-    world, dataset, tmp_path, cli_run
+    world, dataset, tmp_path, run_cli
 ):
     out = tmp_path / "exp"
     spec = {
@@ -184,7 +177,7 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
     # 1. Interrupted during the second fine-tune: the first run is finished.
     with pytest.MonkeyPatch.context() as mp:
         trained = _counting(mp, E, "fine_tune", fail_after=1)
-        r = cli_run("experiment", config, env=env)
+        r = run_cli("experiment", config, env=env)
     assert isinstance(r.exception, Interrupted) and len(trained) == 1
     assert not (out / layout.EXPERIMENT_SCORES_DIR).exists()
     first_run = out / layout.EXPERIMENT_RUNS_DIR / "logit_mean=-0.5"
@@ -195,7 +188,7 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
     with pytest.MonkeyPatch.context() as mp:
         trained = _counting(mp, E, "fine_tune")
         generated = _counting(mp, G, "generate_into", fail_after=2)
-        r = cli_run("experiment", config, env=env)
+        r = run_cli("experiment", config, env=env)
     assert isinstance(r.exception, Interrupted)
     assert [c[0].output_dir for c in trained] == [out / layout.EXPERIMENT_RUNS_DIR / "logit_mean=0.5"]
     assert (first_run / "checkpoint-000002" / layout.LORA_WEIGHTS).stat().st_mtime_ns == lora_mtime
@@ -211,7 +204,7 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
         trained = _counting(mp, E, "fine_tune")
         generated = _counting(mp, G, "generate_into")
         scored = _counting(mp, E.Scorer, "score", fail_after=2)
-        r = cli_run("experiment", config, env=env)
+        r = run_cli("experiment", config, env=env)
     assert isinstance(r.exception, Interrupted) and not trained
     assert all(p.stat().st_mtime_ns == t for p, t in images.items())  # finished images kept
     assert len(generated) == 1  # the re-scored point's images were already there
@@ -222,7 +215,7 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
     with pytest.MonkeyPatch.context() as mp:
         trained = _counting(mp, E, "fine_tune")
         scored = _counting(mp, E.Scorer, "score")
-        r = cli_run("experiment", config, env=env)
+        r = run_cli("experiment", config, env=env)
     assert r.exit_code == 0, r.output
     assert not trained
     # pretrained + 2 runs (table) + step 1 of each run + guidance 1.0 of the best run (3.0 is the table's).
@@ -258,12 +251,12 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
     with pytest.MonkeyPatch.context() as mp:
         trained = _counting(mp, E, "fine_tune")
         scored = _counting(mp, E.Scorer, "score")
-        r = cli_run("experiment", config, env=env)
+        r = run_cli("experiment", config, env=env)
     assert r.exit_code == 0 and not trained and not scored
     before = (out / layout.RESULTS_MD).read_text()
     (out / layout.RESULTS_MD).unlink()
     (out / "fid_vs_step.svg").unlink()
-    r = cli_run("report", out)
+    r = run_cli("report", out)
     assert r.exit_code == 0 and (out / layout.RESULTS_MD).read_text() == before
     assert (out / "fid_vs_step.svg").is_file()
 
@@ -271,21 +264,21 @@ def test_experiment_resumes_at_every_stage_and_writes_table_figures_manifest(
     lora = first_run / "checkpoint-000002" / layout.LORA_WEIGHTS
     original = lora.read_bytes()
     lora.write_bytes(original + b"\0")
-    r = cli_run("experiment", config, env=env)
+    r = run_cli("experiment", config, env=env)
     assert r.exit_code == 2 and "scored with another checkpoint-000002" in r.output
     lora.write_bytes(original)
 
     # 7. A re-run that would change finished numbers is refused; adding a caption variant or scale is not.
     changed = {**spec, "evaluation": {**spec["evaluation"], "seed": 1}}
-    r = cli_run("experiment", _write(tmp_path / "exp.yaml", changed), env=env)
+    r = run_cli("experiment", _write(tmp_path / "exp.yaml", changed), env=env)
     assert r.exit_code == 2 and "evaluation.seed" in r.output
     changed = {**spec, "fine_tune": {**spec["fine_tune"], "learning_rate": 1e-2}}
-    r = cli_run("experiment", _write(tmp_path / "exp.yaml", changed), env=env)
+    r = run_cli("experiment", _write(tmp_path / "exp.yaml", changed), env=env)
     assert r.exit_code == 2 and "learning_rate" in r.output
     more = {**spec, "evaluation": {**spec["evaluation"], "guidance_scales": [1.0, 2.0, 3.0]}}
     with pytest.MonkeyPatch.context() as mp:
         scored = _counting(mp, E.Scorer, "score")
-        r = cli_run("experiment", _write(tmp_path / "exp.yaml", more), env=env)
+        r = run_cli("experiment", _write(tmp_path / "exp.yaml", more), env=env)
     assert r.exit_code == 0, r.output
     assert [c[1].guidance_scale for c in scored] == [2.0]
 
@@ -345,7 +338,7 @@ def test_two_processes_train_together_and_share_the_scores(world, dataset, tmp_p
     assert json.loads((out / layout.EXPERIMENT_MANIFEST).read_text())["device"]["processes"] == 2
 
 
-def test_an_experiment_folder_in_use_is_refused(world, dataset, tmp_path, cli_run):
+def test_an_experiment_folder_in_use_is_refused(world, dataset, tmp_path, run_cli):
     import socket
 
     out = tmp_path / "exp"
@@ -357,6 +350,6 @@ def test_an_experiment_folder_in_use_is_refused(world, dataset, tmp_path, cli_ru
         "fine_tune": _fine_tune(dataset),
         "evaluation": _evaluation(dataset, world.inception_weights),
     }
-    r = cli_run("experiment", _write(tmp_path / "exp.yaml", spec), env=world.env)
+    r = run_cli("experiment", _write(tmp_path / "exp.yaml", spec), env=world.env)
     assert r.exit_code == 2 and "in use by sd3 experiment (pid 1" in r.output
     assert sorted(p.name for p in out.iterdir()) == [".sd3.lock"]

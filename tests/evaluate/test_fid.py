@@ -82,25 +82,25 @@ def test_kid_is_zero_in_expectation_for_one_distribution_and_positive_otherwise(
     assert abs(same) < 0.05 < different
 
 
-def test_same_folder_is_zero_and_different_folders_are_far(world, tmp_path, cli_run):
+def test_same_folder_is_zero_and_different_folders_are_far(world, tmp_path, run_cli):
     a = _images(tmp_path / "a", 6, seed=0)
     b = _images(tmp_path / "b", 6, seed=1, stripe=30)
     args = ["--dims", 64, "--num-workers", 0, "--inception-weights", world.inception_weights]
-    same = cli_run("fid", a, a, *args)
+    same = run_cli("fid", a, a, *args)
     assert same.exit_code == 0, same.output
-    different = cli_run("fid", a, b, *args, "--kid", "--kid-subsets", 5)
+    different = run_cli("fid", a, b, *args, "--kid", "--kid-subsets", 5)
     assert different.exit_code == 0, different.output
     assert abs(_fid_value(same.output)) < 1e-6
     assert _fid_value(different.output) > 1.0
     assert "KID:" in different.output
 
 
-def test_sd3_fid_equals_pytorch_fid_command(world, tmp_path, cli_run):
+def test_sd3_fid_equals_pytorch_fid_command(world, tmp_path, run_cli):
     a = _images(tmp_path / "a", 6, seed=0)
     b = _images(tmp_path / "b", 5, seed=3, stripe=200)
     theirs = _fid_value(_pytorch_fid("--dims", 64, "--num-workers", 0, a, b, torch_home=world.torch_home))
     # Default weights path = pytorch-fid's own file in TORCH_HOME; the cache file must not disturb pytorch-fid.
-    ours = cli_run("fid", a, b, "--dims", 64, "--num-workers", 0, env={"TORCH_HOME": str(world.torch_home)})
+    ours = run_cli("fid", a, b, "--dims", 64, "--num-workers", 0, env={"TORCH_HOME": str(world.torch_home)})
     assert ours.exit_code == 0, ours.output
     assert (a / layout.FID_STATS).is_file()
     assert _fid_value(ours.output) == pytest.approx(theirs, abs=1e-4)
@@ -128,19 +128,19 @@ def test_stats_cache_reused_until_a_file_changes(world, tmp_path, monkeypatch):
     assert layout.FID_STATS not in [p.name for p in F.list_images(folder)]
 
 
-def test_bad_inputs_give_one_line_errors(world, tmp_path, cli_run):
+def test_bad_inputs_give_one_line_errors(world, tmp_path, run_cli):
     a = _images(tmp_path / "a", 3, seed=0)
-    missing = cli_run("fid", a, tmp_path / "nope", "--inception-weights", world.inception_weights)
+    missing = run_cli("fid", a, tmp_path / "nope", "--inception-weights", world.inception_weights)
     assert (
         missing.exit_code == 2 and "nope" in missing.output and len(missing.output.strip().splitlines()) == 1
     )
     (tmp_path / "junk.pth").write_bytes(b"not a state dict")
-    junk = cli_run("fid", a, a, "--inception-weights", tmp_path / "junk.pth")
+    junk = run_cli("fid", a, a, "--inception-weights", tmp_path / "junk.pth")
     assert junk.exit_code == 2 and "junk.pth" in junk.output
-    bad_dims = cli_run("fid", a, a, "--dims", 100)
+    bad_dims = run_cli("fid", a, a, "--dims", 100)
     assert bad_dims.exit_code == 2 and "--dims" in bad_dims.output
     if not torch.cuda.is_available():
-        no_cuda = cli_run("fid", a, a, "--device", "cuda", "--inception-weights", world.inception_weights)
+        no_cuda = run_cli("fid", a, a, "--device", "cuda", "--inception-weights", world.inception_weights)
         assert (
             no_cuda.exit_code == 2
             and len(no_cuda.output.strip().splitlines()) == 1
@@ -148,28 +148,28 @@ def test_bad_inputs_give_one_line_errors(world, tmp_path, cli_run):
         )
 
 
-def test_copy_images_flat_resumable_and_symlinks(world, tmp_path, cli_run):
+def test_copy_images_flat_resumable_and_symlinks(world, tmp_path, run_cli):
     out = tmp_path / "gt"
-    first = cli_run("copy-images", world.split, out)
+    first = run_cli("copy-images", world.split, out)
     assert first.exit_code == 0, first.output
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(f"{d.name}.jpg" for d in world.split.iterdir())
     assert (out / names[0]).read_bytes() == (world.split / names[0][:-4] / layout.IMAGE).read_bytes()
     mtime = (out / names[0]).stat().st_mtime_ns
-    cli_run("copy-images", world.split, out)
+    run_cli("copy-images", world.split, out)
     assert (out / names[0]).stat().st_mtime_ns == mtime  # resumed: not rewritten
     links = tmp_path / "links"
-    assert cli_run("copy-images", world.split, links, "--symlink", "--relative-symlinks").exit_code == 0
+    assert run_cli("copy-images", world.split, links, "--symlink", "--relative-symlinks").exit_code == 0
     link = links / names[0]
     assert link.is_symlink() and not os.path.isabs(os.readlink(link))
     assert link.read_bytes() == (out / names[0]).read_bytes()
 
 
-def test_copy_images_refuses_duplicate_ids(world, tmp_path, cli_run):
+def test_copy_images_refuses_duplicate_ids(world, tmp_path, run_cli):
     root = tmp_path / "ds"
     shutil.copytree(world.split, root / "test")
     shutil.copytree(world.split / "hq-00000", root / "val" / "hq-00000")
-    result = cli_run("copy-images", root, tmp_path / "out")
+    result = run_cli("copy-images", root, tmp_path / "out")
     assert result.exit_code == 2 and "hq-00000" in result.output
 
 
@@ -193,7 +193,7 @@ def test_statistics_equal_pytorch_fid_functions_on_the_same_images(world, tmp_pa
         assert ours.count == 7
 
 
-def test_unreadable_or_odd_images_and_small_sets_are_the_projects_one_line(world, tmp_path, cli_run):
+def test_unreadable_or_odd_images_and_small_sets_are_the_projects_one_line(world, tmp_path, run_cli):
     good = _images(tmp_path / "good", 4, seed=0)
     bad = _images(tmp_path / "bad", 4, seed=1)
     jpeg = bad / "img-002.jpg"
@@ -201,17 +201,17 @@ def test_unreadable_or_odd_images_and_small_sets_are_the_projects_one_line(world
     (bad / "img-002.png").unlink()
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])  # truncated
     args = ["--dims", 64, "--num-workers", 0, "--inception-weights", world.inception_weights]
-    r = cli_run("fid", good, bad, *args)
+    r = run_cli("fid", good, bad, *args)
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "img-002.jpg" in lines[0], r.output
     # Two sizes in one folder: named, one line.
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(bad / "img-002.png")
     jpeg.unlink()
-    r = cli_run("fid", good, bad, *args)
+    r = run_cli("fid", good, bad, *args)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "img-002.png" in r.output
     # Fewer images than feature dimensions: the project's warning, not pytorch-fid's singular-matrix print.
     (bad / "img-002.png").unlink()
-    r = cli_run("fid", good, bad, *args)
+    r = run_cli("fid", good, bad, *args)
     assert r.exit_code == 0, r.output
     assert "not reliable" in r.output and "singular product" not in r.output
     assert sum("not reliable" in line for line in r.output.splitlines()) == 1

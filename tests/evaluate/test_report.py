@@ -121,8 +121,8 @@ def test_guidance_figure_marks_the_best_inside_the_axes(experiment_dir):
     assert axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and box.y1 <= axes_box.y1
 
 
-def test_report_command_writes_both_figures_as_png_and_svg(experiment_dir, cli_run):
-    r = cli_run("report", experiment_dir)
+def test_report_command_writes_both_figures_as_png_and_svg(experiment_dir, run_cli):
+    r = run_cli("report", experiment_dir)
     assert r.exit_code == 0, r.output
     assert "**24.3**" in r.output
     for name in ("fid_vs_step", "fid_vs_guidance"):
@@ -135,7 +135,7 @@ def test_report_command_writes_both_figures_as_png_and_svg(experiment_dir, cli_r
 
     with Image.open(experiment_dir / "fid_vs_step.png") as im:
         assert round(im.info["dpi"][0]) == 300
-    missing = cli_run("report", experiment_dir / "nope")
+    missing = run_cli("report", experiment_dir / "nope")
     assert missing.exit_code == 2 and "nope" in missing.output
 
 

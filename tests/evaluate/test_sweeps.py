@@ -22,9 +22,9 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_fid_vs_step_writes_csv_plot_and_resumes(world, tmp_path, cli_run):
+def test_fid_vs_step_writes_csv_plot_and_resumes(world, tmp_path, run_cli):
     out = tmp_path / "fvs"
-    r = cli_run("fid-vs-step", world.run, world.split, "--output-dir", out, *FAST, env=world.env)
+    r = run_cli("fid-vs-step", world.run, world.split, "--output-dir", out, *FAST, env=world.env)
     assert r.exit_code == 0, r.output
     rows = _csv(out / layout.FID_VS_STEP_CSV)
     assert [row["step"] for row in rows] == ["0", "2"]
@@ -34,7 +34,7 @@ def test_fid_vs_step_writes_csv_plot_and_resumes(world, tmp_path, cli_run):
     # The LoRA point equals generate-images with that LoRA (LoRA swapping in the sweep is clean).
     single = tmp_path / "single"
     args = ["--num-inference-steps", 2, "--num-images", 3, "--lora-weight-dir", world.lora]
-    assert cli_run("generate-images", world.split, single, *args, env=world.env).exit_code == 0
+    assert run_cli("generate-images", world.split, single, *args, env=world.env).exit_code == 0
     for p in single.glob("*.png"):
         a = np.asarray(Image.open(p)).astype(int)
         b = np.asarray(Image.open(layout.step_images_dir(out, 2) / p.name)).astype(int)
@@ -43,19 +43,19 @@ def test_fid_vs_step_writes_csv_plot_and_resumes(world, tmp_path, cli_run):
     before = (out / layout.FID_VS_STEP_CSV).read_text()
     for p in layout.step_images_dir(out, 0).glob("*.png"):
         p.unlink()
-    r = cli_run("fid-vs-step", world.run, world.split, "--output-dir", out, *FAST, env=world.env)
+    r = run_cli("fid-vs-step", world.run, world.split, "--output-dir", out, *FAST, env=world.env)
     assert r.exit_code == 0, r.output
     assert (out / layout.FID_VS_STEP_CSV).read_text() == before
     assert not list(layout.step_images_dir(out, 0).glob("*.png"))
-    changed = cli_run(
+    changed = run_cli(
         "fid-vs-step", world.run, world.split, "--output-dir", out, *FAST, "--seed", 5, env=world.env
     )
     assert changed.exit_code == 2 and "seed" in changed.output
 
 
-def test_fid_vs_guidance_marks_best_and_validates_scales(world, tmp_path, cli_run):
+def test_fid_vs_guidance_marks_best_and_validates_scales(world, tmp_path, run_cli):
     out = tmp_path / "fvg"
-    r = cli_run(
+    r = run_cli(
         "fid-vs-guidance", world.split, "--output-dir", out, "--guidance-scales", "1,5", *FAST, env=world.env
     )
     assert r.exit_code == 0, r.output
@@ -65,7 +65,7 @@ def test_fid_vs_guidance_marks_best_and_validates_scales(world, tmp_path, cli_ru
     a = np.asarray(Image.open(layout.guidance_images_dir(out, 1.0) / "hq-00000.png")).astype(int)
     b = np.asarray(Image.open(layout.guidance_images_dir(out, 5.0) / "hq-00000.png")).astype(int)
     assert np.abs(a - b).mean() > 0.5
-    bad = cli_run("fid-vs-guidance", world.split, "--guidance-scales", "1,x", env=world.env)
+    bad = run_cli("fid-vs-guidance", world.split, "--guidance-scales", "1,x", env=world.env)
     assert bad.exit_code == 2 and "--guidance-scales" in bad.output
 
 
@@ -93,14 +93,14 @@ def test_validation_fid_matches_the_sweep_machinery(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_fid_section_runs_as_written(world, tmp_path, cli_run):
+def test_readme_fid_section_runs_as_written(world, tmp_path, run_cli):
     """README 'Calculate FID Scores', commands as written; pytorch-fid finds the (random) weights in TORCH_HOME."""
     fid_root = tmp_path / "fid"
     gt, pre, tuned = fid_root / "ground-truth", fid_root / "pretrained", fid_root / "fine-tuned"
     steps = ["--num-inference-steps", 2]  # the only addition: keep the tiny run short
-    assert cli_run("copy-images", world.split, gt, env=world.env).exit_code == 0
-    assert cli_run("generate-images", world.split, pre, *steps, env=world.env).exit_code == 0
-    r = cli_run("generate-images", world.split, tuned, *steps, "--lora-weight-dir", world.lora, env=world.env)
+    assert run_cli("copy-images", world.split, gt, env=world.env).exit_code == 0
+    assert run_cli("generate-images", world.split, pre, *steps, env=world.env).exit_code == 0
+    r = run_cli("generate-images", world.split, tuned, *steps, "--lora-weight-dir", world.lora, env=world.env)
     assert r.exit_code == 0, r.output
     env = {**os.environ, "TORCH_HOME": str(world.torch_home), "OMP_NUM_THREADS": "1"}
     exe = str(Path(sys.executable).with_name("pytorch-fid"))
@@ -113,7 +113,7 @@ def test_readme_fid_section_runs_as_written(world, tmp_path, cli_run):
     ).stdout
     theirs = float(out.split("FID:")[1].split()[0])
     # sd3 fid on the folders: same statistics (the stats.npz inside the folders is not an image) ...
-    r = cli_run("fid", gt, tuned, "--num-workers", 0, env={"TORCH_HOME": str(world.torch_home)})
+    r = run_cli("fid", gt, tuned, "--num-workers", 0, env={"TORCH_HOME": str(world.torch_home)})
     assert r.exit_code == 0, r.output
     ours = float(r.output.split("FID:")[1].split()[0])
     assert ours == pytest.approx(theirs, abs=1e-4)
@@ -122,13 +122,13 @@ def test_readme_fid_section_runs_as_written(world, tmp_path, cli_run):
             assert np.allclose(a["mu"], b["mu"], atol=1e-6) and np.allclose(a["sigma"], b["sigma"], atol=1e-6)
 
 
-def test_fid_vs_guidance_takes_skip_layer_guidance_and_checks_it_against_the_model(world, tmp_path, cli_run):
+def test_fid_vs_guidance_takes_skip_layer_guidance_and_checks_it_against_the_model(world, tmp_path, run_cli):
     import json
 
     out = tmp_path / "slg"
     slg = ["--skip-guidance-layers", "7,8", "--skip-layer-guidance-start", 0, "--skip-layer-guidance-stop", 1]
     base = ["fid-vs-guidance", world.split, "--output-dir", out, "--guidance-scales", "1,4", *FAST]
-    r = cli_run(*base, *slg, env=world.env)
+    r = run_cli(*base, *slg, env=world.env)
     assert r.exit_code == 0, r.output
     with_slg = json.loads((layout.guidance_images_dir(out, 4.0) / layout.GENERATION_SETTINGS).read_text())
     without = json.loads((layout.guidance_images_dir(out, 1.0) / layout.GENERATION_SETTINGS).read_text())
@@ -136,7 +136,7 @@ def test_fid_vs_guidance_takes_skip_layer_guidance_and_checks_it_against_the_mod
     assert json.loads((out / layout.SWEEP_SETTINGS).read_text())["skip_guidance_layers"] == [7, 8]
     # A block the model does not have: one line, before any point is written.
     bad_out = tmp_path / "bad"
-    r = cli_run(
+    r = run_cli(
         "fid-vs-guidance",
         world.split,
         "--output-dir",

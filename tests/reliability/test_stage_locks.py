@@ -14,18 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.cli import cli
 from sd3_lora_celeba.io import LOCK_NAME
 from sd3_lora_celeba.parallel import lock_folder
 from sd3_lora_celeba.testing.celeba_synth import make_celeba_hq_release, make_celeba_release
-
-
-def run(*args: object):
-    return CliRunner().invoke(cli, ["--quiet", "--logging-style", "plain", *map(str, args)])
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -41,10 +35,10 @@ def releases(tmp_path_factory):
 
 
 @pytest.fixture
-def dataset(releases, tmp_path) -> Path:
+def dataset(releases, tmp_path, run_cli) -> Path:
     """A prepared dataset whose first example also has a BLIP-2 caption."""
     dst = tmp_path / "dataset"
-    assert run("prepare-celeba-hq", releases[0], dst).exit_code == 0
+    assert run_cli("prepare-celeba-hq", releases[0], dst).exit_code == 0
     example = sorted(dst.glob("train/hq-*"))[0]
     (example / layout.prompt_file("blip2")).write_text("a person smiling")
     return dst
@@ -80,12 +74,12 @@ STAGES = [
 
 @pytest.mark.parametrize(("stage", "args"), STAGES, ids=[a[0] for _, a in STAGES])
 def test_second_run_of_a_stage_gets_one_line_naming_the_holder(
-    releases, dataset, holder, tmp_path, stage, args
+    releases, dataset, holder, tmp_path, stage, args, run_cli
 ):
     lock = hold(lock_folder(dataset, stage), holder.pid, "sd3 " + args[0])
     before = files(dataset)
     values = {"hq": releases[0], "celeba": releases[1], "dst": dataset, "missing": tmp_path / "no-model"}
-    result = run(*(a.format(**values) for a in args))
+    result = run_cli(*(a.format(**values) for a in args))
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
@@ -103,11 +97,11 @@ def test_split_and_example_folders_share_the_dataset_lock(dataset):
     assert len(names) == 3
 
 
-def test_lock_of_a_dead_run_is_taken_over_and_released(releases, dataset):
+def test_lock_of_a_dead_run_is_taken_over_and_released(releases, dataset, run_cli):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is free now: the lock is stale
     lock = hold(lock_folder(dataset, "prepare"), dead.pid)
-    result = run("prepare-celeba-hq", releases[0], dataset, "--overwrite", "--random-seed", "3")
+    result = run_cli("prepare-celeba-hq", releases[0], dataset, "--overwrite", "--random-seed", "3")
     assert result.exit_code == 0, result.output
     assert not lock.exists()  # released at the end
     assert json.loads((dataset / layout.DATASET_INFO).read_text())["random_seed"] == 3

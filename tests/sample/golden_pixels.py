@@ -63,7 +63,7 @@ def pixel_slices(folder: Path) -> dict[str, list]:
 def main() -> None:
     import tempfile
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # run as a script: tests/fid_world.py
     from fid_world import build_world, run_cli
 
     with tempfile.TemporaryDirectory() as tmp:

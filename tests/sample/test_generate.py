@@ -32,11 +32,11 @@ def test_initial_latents_do_not_depend_on_the_batch():
     assert not torch.equal(batch[0], batch[1])
 
 
-def test_images_do_not_depend_on_batch_size_and_resume(world, tmp_path, cli_run):
+def test_images_do_not_depend_on_batch_size_and_resume(world, tmp_path, run_cli):
     one, three = tmp_path / "b1", tmp_path / "b3"
-    r1 = cli_run("generate-images", world.split, one, *FAST, "--batch-size", 1, env=world.env)
+    r1 = run_cli("generate-images", world.split, one, *FAST, "--batch-size", 1, env=world.env)
     assert r1.exit_code == 0, r1.output
-    r3 = cli_run("generate-images", world.split, three, *FAST, "--batch-size", 3, env=world.env)
+    r3 = run_cli("generate-images", world.split, three, *FAST, "--batch-size", 3, env=world.env)
     assert r3.exit_code == 0, r3.output
     names = sorted(p.name for p in one.glob("*.png"))
     assert names == sorted(f"{d.name}.png" for d in world.split.iterdir())
@@ -52,20 +52,20 @@ def test_images_do_not_depend_on_batch_size_and_resume(world, tmp_path, cli_run)
     # Resume: a deleted image is regenerated, the others are left alone.
     mtimes = {n: (one / n).stat().st_mtime_ns for n in names}
     (one / names[0]).unlink()
-    again = cli_run("generate-images", world.split, one, *FAST, "--batch-size", 2, env=world.env)
+    again = run_cli("generate-images", world.split, one, *FAST, "--batch-size", 2, env=world.env)
     assert again.exit_code == 0, again.output
     assert all((one / n).stat().st_mtime_ns == mtimes[n] for n in names[1:])
     assert np.abs(_pixels(one, names[0]) - _pixels(three, names[0])).max() <= 1
     # Other settings into the same folder are refused.
-    refused = cli_run("generate-images", world.split, one, "--num-inference-steps", 3, env=world.env)
+    refused = run_cli("generate-images", world.split, one, "--num-inference-steps", 3, env=world.env)
     assert refused.exit_code == 2 and "num_inference_steps" in refused.output
 
 
-def test_lora_changes_images_and_bad_lora_is_one_line_error(world, tmp_path, cli_run):
+def test_lora_changes_images_and_bad_lora_is_one_line_error(world, tmp_path, run_cli):
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     args = [*FAST, "--num-images", 2]
-    assert cli_run("generate-images", world.split, base, *args, env=world.env).exit_code == 0
-    r = cli_run("generate-images", world.split, tuned, *args, "--lora-weight-dir", world.lora, env=world.env)
+    assert run_cli("generate-images", world.split, base, *args, env=world.env).exit_code == 0
+    r = run_cli("generate-images", world.split, tuned, *args, "--lora-weight-dir", world.lora, env=world.env)
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tuned.glob("*.png")) == ["hq-00000.png", "hq-00001.png"]
     assert np.abs(_pixels(base, "hq-00000.png") - _pixels(tuned, "hq-00000.png")).mean() > 1
@@ -78,13 +78,13 @@ def test_lora_changes_images_and_bad_lora_is_one_line_error(world, tmp_path, cli
     save_file(
         {k: torch.zeros(v.shape[0] + 3, v.shape[1]) for k, v in state.items()}, bad / layout.LORA_WEIGHTS
     )
-    r = cli_run(
+    r = run_cli(
         "generate-images", world.split, tmp_path / "x", *args, "--lora-weight-dir", bad, env=world.env
     )
     assert r.exit_code == 2, r.output
     error = r.output.strip().splitlines()[-1]  # earlier lines: diffusers' loading bar
     assert "bad-lora" in error and "does not fit" in error
-    missing = cli_run(
+    missing = run_cli(
         "generate-images", world.split, tmp_path / "y", "--lora-weight-dir", tmp_path, env=world.env
     )
     assert missing.exit_code == 2 and layout.LORA_WEIGHTS in missing.output
@@ -94,10 +94,10 @@ def _same(a_dir, b_dir, name) -> bool:
     return np.abs(_pixels(a_dir, name) - _pixels(b_dir, name)).max() <= 1
 
 
-def test_killed_overwrite_never_leaves_a_mix_and_settings_gate_resume(world, tmp_path, cli_run, monkeypatch):
+def test_killed_overwrite_never_leaves_a_mix_and_settings_gate_resume(world, tmp_path, run_cli, monkeypatch):
     out, ref = tmp_path / "out", tmp_path / "ref-seed1"
-    assert cli_run("generate-images", world.split, out, *FAST, "--seed", 0, env=world.env).exit_code == 0
-    assert cli_run("generate-images", world.split, ref, *FAST, "--seed", 1, env=world.env).exit_code == 0
+    assert run_cli("generate-images", world.split, out, *FAST, "--seed", 0, env=world.env).exit_code == 0
+    assert run_cli("generate-images", world.split, ref, *FAST, "--seed", 1, env=world.env).exit_code == 0
     old = {p.name: p.read_bytes() for p in out.glob("*.png")}
     assert len(old) == len(list(world.split.iterdir()))
     # --overwrite with another seed, "killed" (a write fails) after two images.
@@ -110,7 +110,7 @@ def test_killed_overwrite_never_leaves_a_mix_and_settings_gate_resume(world, tmp
         return real_save(self, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
-    killed = cli_run(
+    killed = run_cli(
         "generate-images",
         world.split,
         out,
@@ -130,29 +130,29 @@ def test_killed_overwrite_never_leaves_a_mix_and_settings_gate_resume(world, tmp
         assert (out / name).read_bytes() != old[name] and _same(out, ref, name)
     assert json.loads((out / layout.GENERATION_SETTINGS).read_text())["seed"] == 1
     # The old settings are refused in one line; the new ones resume to a complete folder.
-    refused = cli_run("generate-images", world.split, out, *FAST, "--seed", 0, env=world.env)
+    refused = run_cli("generate-images", world.split, out, *FAST, "--seed", 0, env=world.env)
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
     assert "seed" in refused.output
-    resumed = cli_run("generate-images", world.split, out, *FAST, "--seed", 1, env=world.env)
+    resumed = run_cli("generate-images", world.split, out, *FAST, "--seed", 1, env=world.env)
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.name for p in out.glob("*.png")) == sorted(old)
     assert all(_same(out, ref, name) for name in old)
 
 
-def test_images_without_a_settings_record_are_not_counted_as_done(world, tmp_path, cli_run):
+def test_images_without_a_settings_record_are_not_counted_as_done(world, tmp_path, run_cli):
     out = tmp_path / "out"
     assert (
-        cli_run("generate-images", world.split, out, *FAST, "--num-images", 2, env=world.env).exit_code == 0
+        run_cli("generate-images", world.split, out, *FAST, "--num-images", 2, env=world.env).exit_code == 0
     )
     (out / layout.GENERATION_SETTINGS).unlink()  # e.g. a kill inside --overwrite, after the record went
-    r = cli_run("generate-images", world.split, out, *FAST, "--num-images", 2, env=world.env)
+    r = run_cli("generate-images", world.split, out, *FAST, "--num-images", 2, env=world.env)
     assert r.exit_code == 2 and layout.GENERATION_SETTINGS in r.output and "--overwrite" in r.output
-    r = cli_run("generate-images", world.split, out, *FAST, "--num-images", 2, "--overwrite", env=world.env)
+    r = run_cli("generate-images", world.split, out, *FAST, "--num-images", 2, "--overwrite", env=world.env)
     assert r.exit_code == 0, r.output
     assert (out / layout.GENERATION_SETTINGS).is_file()
 
 
-def test_bad_values_and_files_are_one_line_errors_before_any_write(world, tmp_path, cli_run):
+def test_bad_values_and_files_are_one_line_errors_before_any_write(world, tmp_path, run_cli):
     corrupt = tmp_path / "corrupt-lora"
     corrupt.mkdir()
     (corrupt / layout.LORA_WEIGHTS).write_bytes(np.random.default_rng(0).bytes(4096))
@@ -181,13 +181,13 @@ def test_bad_values_and_files_are_one_line_errors_before_any_write(world, tmp_pa
         del cases["device"]
     for label, (args, named) in cases.items():
         out = tmp_path / label
-        r = cli_run("generate-images", world.split, out, *FAST, *args, env=world.env)
+        r = run_cli("generate-images", world.split, out, *FAST, *args, env=world.env)
         lines = r.output.strip().splitlines()
         assert r.exit_code == 2 and len(lines) == 1 and named in lines[0], (label, r.output)
         assert not out.exists() or not any(out.iterdir()), label  # nothing written
 
 
-def test_skip_layer_guidance_changes_images_and_is_recorded(world, tmp_path, cli_run):
+def test_skip_layer_guidance_changes_images_and_is_recorded(world, tmp_path, run_cli):
     plain, slg = tmp_path / "plain", tmp_path / "slg"
     args = ["--num-inference-steps", 3, "--num-images", 2]
     # Steps 1 and 2 of 3 take the extra pass; a strong scale makes the tiny random model show it.
@@ -199,8 +199,8 @@ def test_skip_layer_guidance_changes_images_and_is_recorded(world, tmp_path, cli
         "--skip-layer-guidance-scale",
         10,
     ]
-    assert cli_run("generate-images", world.split, plain, *args, env=world.env).exit_code == 0
-    r = cli_run(
+    assert run_cli("generate-images", world.split, plain, *args, env=world.env).exit_code == 0
+    r = run_cli(
         "generate-images", world.split, slg, *args, "--skip-guidance-layers", "7,8,9", *window, env=world.env
     )
     assert r.exit_code == 0, r.output
@@ -209,7 +209,7 @@ def test_skip_layer_guidance_changes_images_and_is_recorded(world, tmp_path, cli
     assert settings["skip_guidance_layers"] == [7, 8, 9] and settings["skip_layer_guidance_stop"] == 1
     assert "skip_guidance_layers" not in json.loads((plain / layout.GENERATION_SETTINGS).read_text())
     # Another skip set into the same folder is another setting.
-    r = cli_run(
+    r = run_cli(
         "generate-images", world.split, slg, *args, "--skip-guidance-layers", "7", *window, env=world.env
     )
     assert r.exit_code == 2 and "skip_guidance_layers" in r.output
@@ -248,12 +248,12 @@ def _stock_images(world, lora_dir, n=2, steps=2, seed=0):
     return {f"{d.name}.png": np.round(img * 255).astype(int) for d, img in zip(examples, images, strict=True)}
 
 
-def test_fused_lora_and_fused_qkv_give_the_stock_pipelines_images(world, tmp_path, cli_run, monkeypatch):
+def test_fused_lora_and_fused_qkv_give_the_stock_pipelines_images(world, tmp_path, run_cli, monkeypatch):
     from sd3_lora_celeba.sample import generate as G
 
     stock = _stock_images(world, world.lora)
     out = tmp_path / "ours"
-    r = cli_run(
+    r = run_cli(
         "generate-images",
         world.split,
         out,

@@ -12,6 +12,12 @@ from sd3_lora_celeba.models.loading import SD3_MODEL_ENV
 
 
 @pytest.fixture(scope="session")
+def sd3_env(tiny_sd3) -> dict[str, str]:
+    """The environment that makes ``tiny_sd3`` the default SD3 model (``run_cli(..., env=sd3_env)``)."""
+    return {SD3_MODEL_ENV: str(tiny_sd3)}
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory, tiny_sd3) -> Path:
     """A dataset folder with a cached train split and empty prompt, made with the tiny model."""
     return build_world(tmp_path_factory.mktemp("world") / "dataset", tiny_sd3)

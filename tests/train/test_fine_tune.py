@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from train_helpers import (
     GOLDEN_FILE,
     GOLDEN_FILE_ARGS,
@@ -21,19 +20,12 @@ from train_helpers import (
 )
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.cli import cli
 from sd3_lora_celeba.models.loading import SD3_MODEL_ENV
 from sd3_lora_celeba.train import checkpoint as ckpt
 from sd3_lora_celeba.train import flow
 from sd3_lora_celeba.train.tracking import read_metrics
 
 HERE = Path(__file__).parent
-
-
-def run_cli(args: list[str], tiny_sd3: Path):
-    return CliRunner().invoke(
-        cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env={SD3_MODEL_ENV: str(tiny_sd3)}
-    )
 
 
 def test_golden_losses(tiny_world, tiny_sd3, tmp_path):
@@ -162,10 +154,12 @@ SEED_FLAGS = [
 ]  # fmt: skip
 
 
-def test_seed_readme_command_runs_and_a_rerun_does_not_clobber(tiny_world, tiny_sd3, tmp_path, monkeypatch):
+def test_seed_readme_command_runs_and_a_rerun_does_not_clobber(
+    tiny_world, tmp_path, monkeypatch, run_cli, sd3_env
+):
     monkeypatch.chdir(tmp_path)
     args = ["fine-tune", tiny_world / "train", tiny_world / layout.EMPTY_PROMPT_DIR, *SEED_FLAGS]
-    result = run_cli(args, tiny_sd3)
+    result = run_cli(*args, env=sd3_env)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "fine-tune"  # the documented default --output-dir
     assert [p.name for p in layout.list_checkpoints(run_dir)] == ["checkpoint-000001"]
@@ -176,13 +170,13 @@ def test_seed_readme_command_runs_and_a_rerun_does_not_clobber(tiny_world, tiny_
     assert config["amp"] and config["lora_rank"] == 64 and config["logit_mean"] == -0.5
     before = (run_dir / "checkpoint-000001" / layout.LORA_WEIGHTS).read_bytes()
     # Running the same command again finds the finished run and leaves it alone.
-    again = run_cli(args, tiny_sd3)
+    again = run_cli(*args, env=sd3_env)
     assert again.exit_code == 0, again.output
     assert (run_dir / "checkpoint-000001" / layout.LORA_WEIGHTS).read_bytes() == before
     assert len(read_metrics(run_dir)) == 1
 
 
-def test_nan_loss_is_reported_skipped_and_never_saved(tiny_world, tiny_sd3, tmp_path, monkeypatch):
+def test_nan_loss_is_reported_skipped_and_never_saved(tiny_world, tmp_path, monkeypatch, run_cli, sd3_env):
     real = flow.weighted_mse
     calls = {"n": 0}
 
@@ -194,7 +188,7 @@ def test_nan_loss_is_reported_skipped_and_never_saved(tiny_world, tiny_sd3, tmp_
     monkeypatch.setattr(flow, "weighted_mse", poisoned)
     run_dir = tmp_path / "run"
     args = golden_command(tiny_world, run_dir, "--max-nan-steps", "2", "--checkpointing-steps", "1")
-    result = run_cli(args, tiny_sd3)
+    result = run_cli(*args, env=sd3_env)
     assert result.exit_code != 0
     assert "2 consecutive non-finite steps" in str(result.exception)
     assert "step 2: non-finite loss" in result.output
@@ -250,34 +244,36 @@ class _Cfg:
         (["--resume", "latest"], "no complete checkpoint"),
     ],
 )
-def test_bad_options_are_one_line_errors(tiny_world, tiny_sd3, tmp_path, extra, message):
-    result = run_cli(golden_command(tiny_world, tmp_path / "run", *extra), tiny_sd3)
+def test_bad_options_are_one_line_errors(tiny_world, tmp_path, extra, message, run_cli, sd3_env):
+    result = run_cli(*golden_command(tiny_world, tmp_path / "run", *extra), env=sd3_env)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_missing_caches_are_one_line_errors(tiny_world, tiny_sd3, tmp_path):
+def test_missing_caches_are_one_line_errors(tiny_world, tmp_path, run_cli, sd3_env):
     from train_helpers import make_examples
 
     make_examples(tmp_path / "raw", 2)
-    result = run_cli(golden_command(tiny_world, tmp_path / "run")[:1] + [tmp_path / "raw"]
-                     + golden_command(tiny_world, tmp_path / "run")[2:], tiny_sd3)  # fmt: skip
+    result = run_cli(*(golden_command(tiny_world, tmp_path / "run")[:1] + [tmp_path / "raw"]
+                     + golden_command(tiny_world, tmp_path / "run")[2:]), env=sd3_env)  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "compute-latent-dist" in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_resuming_a_checkpoint_of_another_config_is_refused(golden_run, tiny_world, tiny_sd3, tmp_path):
+def test_resuming_a_checkpoint_of_another_config_is_refused(
+    golden_run, tiny_world, tmp_path, run_cli, sd3_env
+):
     args = golden_command(tiny_world, tmp_path / "run", "--resume", str(golden_run / "checkpoint-000002"))
     args[args.index("--lora-rank") + 1] = "8"
-    result = run_cli(args, tiny_sd3)
+    result = run_cli(*args, env=sd3_env)
     assert result.exit_code == 2, result.output
     assert "incompatible run" in result.output and "lora_rank 4 -> 8" in result.output
     # --resume never refuses a folder that already holds checkpoints.
-    never = run_cli(golden_command(tiny_world, golden_run, "--resume", "never"), tiny_sd3)
+    never = run_cli(*golden_command(tiny_world, golden_run, "--resume", "never"), env=sd3_env)
     assert never.exit_code == 2 and "already holds checkpoints" in never.output
 
 
-def test_validation_fid_call_site(tiny_world, tiny_sd3, tmp_path, monkeypatch):
+def test_validation_fid_call_site(tiny_world, tmp_path, monkeypatch, run_cli, sd3_env):
     """--validation-fid-every N calls the evaluate stage's validation_fid every N steps, logged to metrics.jsonl."""
     import sd3_lora_celeba.evaluate.validation as validation
 
@@ -291,10 +287,10 @@ def test_validation_fid_call_site(tiny_world, tiny_sd3, tmp_path, monkeypatch):
     args = golden_command(
         tiny_world, tmp_path / "run", "--validation-fid-every", "2", "--num-training-steps", "2"
     )
-    missing = run_cli(args, tiny_sd3)
+    missing = run_cli(*args, env=sd3_env)
     assert missing.exit_code == 2 and "validation split not found" in missing.output
     result = run_cli(
-        [*args, "--validation-dir", tiny_world / "train", "--validation-num-images", "3"], tiny_sd3
+        *args, "--validation-dir", tiny_world / "train", "--validation-num-images", "3", env=sd3_env
     )
     assert result.exit_code == 0, result.output
     assert len(calls) == 1 and calls[0]["num_images"] == 3 and calls[0]["split_dir"] == tiny_world / "train"

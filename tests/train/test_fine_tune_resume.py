@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from train_helpers import golden_command, invoke, losses, subprocess_env
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.cli import cli
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import LOCK_NAME
 from sd3_lora_celeba.models.loading import SD3_MODEL_ENV
@@ -25,12 +23,6 @@ from sd3_lora_celeba.train import checkpoint as ckpt
 from sd3_lora_celeba.train.tracking import read_metrics
 
 HERE = Path(__file__).parent
-
-
-def run_cli(args: list, tiny_sd3: Path):
-    return CliRunner().invoke(
-        cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env={SD3_MODEL_ENV: str(tiny_sd3)}
-    )
 
 
 def one_line_error(result, *needles: str) -> None:
@@ -57,13 +49,13 @@ class _WritesMarker:
         return (os.mkdir, (self.path,))
 
 
-def test_a_crafted_training_state_runs_no_code(run_copy, tiny_world, tiny_sd3, tmp_path):
+def test_a_crafted_training_state_runs_no_code(run_copy, tiny_world, tmp_path, run_cli, sd3_env):
     marker = tmp_path / "pwned"
     checkpoint = run_copy / "checkpoint-000004"
     torch.save({"step": 4, "payload": _WritesMarker(marker)}, checkpoint / layout.TRAINING_STATE)
     with pytest.raises(InputError, match="training_state.pt: unreadable training state"):
         ckpt.load_training_state(checkpoint)
-    result = run_cli(golden_command(tiny_world, run_copy), tiny_sd3)
+    result = run_cli(*golden_command(tiny_world, run_copy), env=sd3_env)
     one_line_error(result, str(checkpoint / layout.TRAINING_STATE), "--resume", "checkpoint-000002")
     assert not marker.exists()
     # The file really is dangerous: full unpickling would have run it (so the test above can fail).
@@ -79,12 +71,12 @@ def test_training_state_holds_plain_values_only(golden_run):
     ckpt.set_rng_states(state["rng"])  # restores from the plain form
 
 
-def test_a_second_process_on_the_same_run_folder_is_refused(tiny_world, tiny_sd3, tmp_path):
+def test_a_second_process_on_the_same_run_folder_is_refused(tiny_world, tmp_path, run_cli, sd3_env):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "what": "sd3 fine-tune"}
     (run_dir / LOCK_NAME).write_text(json.dumps(holder))
-    result = run_cli(golden_command(tiny_world, run_dir), tiny_sd3)
+    result = run_cli(*golden_command(tiny_world, run_dir), env=sd3_env)
     one_line_error(result, "in use by sd3 fine-tune", f"pid {os.getppid()}")
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]  # nothing written
 
@@ -103,7 +95,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tiny_world, tiny_sd3
     ],
     ids=lambda v: v[0] if isinstance(v, list) and v and v[0].startswith("--") else "",
 )
-def test_resume_refuses_changed_settings(golden_run, tiny_world, tiny_sd3, tmp_path, extra, needles):
+def test_resume_refuses_changed_settings(golden_run, tiny_world, tmp_path, extra, needles, run_cli, sd3_env):
     args = golden_command(tiny_world, tmp_path / "run", "--resume", golden_run / "checkpoint-000002")
     for flag, value in zip(extra[::2], extra[1::2], strict=False):
         if flag in args:
@@ -112,7 +104,7 @@ def test_resume_refuses_changed_settings(golden_run, tiny_world, tiny_sd3, tmp_p
             args += [flag, value]
     if extra == ["--amp"]:
         args.append("--amp")
-    one_line_error(run_cli(args, tiny_sd3), "checkpoint-000002", *needles)
+    one_line_error(run_cli(*args, env=sd3_env), "checkpoint-000002", *needles)
     assert not (tmp_path / "run" / layout.RUN_CONFIG).exists()
 
 
@@ -131,7 +123,7 @@ def test_resume_accepts_allowed_and_operational_changes(golden_run, tiny_world, 
     assert config["learning_rate"] == 2e-3 and config["dataloader_num_workers"] == 1
 
 
-def test_resume_checks_the_sampler_state(run_copy, tiny_world, tiny_sd3):
+def test_resume_checks_the_sampler_state(run_copy, tiny_world, run_cli, sd3_env):
     path = run_copy / "checkpoint-000004" / layout.TRAINING_STATE
     state = torch.load(path, weights_only=True)
     state["sampler"]["num_examples"] = 5
@@ -139,10 +131,10 @@ def test_resume_checks_the_sampler_state(run_copy, tiny_world, tiny_sd3):
     args = golden_command(
         tiny_world, run_copy, "--num-training-steps", "6", "--allow-changed", "num-training-steps"
     )
-    one_line_error(run_cli(args, tiny_sd3), "TRAIN_DIR (number of examples) 5 -> 6")
+    one_line_error(run_cli(*args, env=sd3_env), "TRAIN_DIR (number of examples) 5 -> 6")
     state["sampler"]["num_examples"], state["sampler"]["consumed"] = 6, 3
     torch.save(state, path)
-    one_line_error(run_cli(args, tiny_sd3), "inconsistent data position", "checkpoint-000002")
+    one_line_error(run_cli(*args, env=sd3_env), "inconsistent data position", "checkpoint-000002")
 
 
 def test_rewinding_keeps_the_old_branch_and_its_metrics(run_copy, golden_run, tiny_world, tiny_sd3):
@@ -164,19 +156,19 @@ def test_rewinding_keeps_the_old_branch_and_its_metrics(run_copy, golden_run, ti
     assert ckpt.resolve_resume("auto", run_copy) == run_copy / "checkpoint-000004"
 
 
-def test_the_dataset_root_is_refused_as_train_dir(tiny_world, tiny_sd3, tmp_path):
+def test_the_dataset_root_is_refused_as_train_dir(tiny_world, tmp_path, run_cli, sd3_env):
     root = tmp_path / "dataset"
     (root / "train").mkdir(parents=True)
     (root / "val").mkdir()
     args = golden_command(tiny_world, tmp_path / "run")
     args[1] = str(root)
-    one_line_error(run_cli(args, tiny_sd3), "TRAIN_DIR holds the val split", str(root / "train"))
+    one_line_error(run_cli(*args, env=sd3_env), "TRAIN_DIR holds the val split", str(root / "train"))
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("damage", ["truncated-state", "garbage-state", "no-optimizer", "garbage-lora"])
 def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_offered(
-    run_copy, tiny_world, tiny_sd3, damage
+    run_copy, tiny_world, damage, run_cli, sd3_env
 ):
     newest = run_copy / "checkpoint-000004"
     state_path, lora_path = newest / layout.TRAINING_STATE, newest / layout.LORA_WEIGHTS
@@ -194,13 +186,13 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_offered(
     args = golden_command(
         tiny_world, run_copy, "--num-training-steps", "6", "--allow-changed", "num-training-steps"
     )
-    result = run_cli(args, tiny_sd3)
+    result = run_cli(*args, env=sd3_env)
     one_line_error(result, str(bad), f"--resume {run_copy / 'checkpoint-000002'}")
     if damage == "no-optimizer":
         assert "lacks optimizer" in result.output
     # Taking the advice works.
     args += ["--resume", str(run_copy / "checkpoint-000002")]
-    assert run_cli(args, tiny_sd3).exit_code == 0
+    assert run_cli(*args, env=sd3_env).exit_code == 0
 
 
 def _signalled_run(tiny_world, tiny_sd3, run_dir: Path, signal_name: str, times: str, at: int = 5):

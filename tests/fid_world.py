@@ -1,4 +1,4 @@
-"""A tiny FID world shared by tests/sample and tests/evaluate: tiny SD3, a dataset split with cached prompt
+"""A tiny FID world shared by tests/sample and tests/evaluate (the ``world`` fixture of tests/conftest.py): tiny SD3, a dataset split with cached prompt
 embeddings, a LoRA run folder and random FID Inception weights (also installed as pytorch-fid's download)."""
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def make_lora_checkpoint(model: Path, folder: Path, seed: int = 0, std: float = 
     return folder
 
 
-def build_world(root: Path) -> FidWorld:
-    model = build_tiny_sd3(root / "tiny-sd3")
+def build_world(root: Path, model: Path | None = None) -> FidWorld:
+    """The world below ``root`` on the tiny SD3 folder ``model`` (built in ``root`` when not given)."""
+    model = model if model is not None else build_tiny_sd3(root / "tiny-sd3")
     dataset = root / "dataset"
     make_split(dataset / "test", NUM_EXAMPLES, seed=0)
     empty = dataset / layout.EMPTY_PROMPT_DIR
@@ -87,14 +88,3 @@ def build_world(root: Path) -> FidWorld:
     torch_home = root / "torch-home"
     install_inception_weights(weights, torch_home)
     return FidWorld(model, dataset, dataset / "test", run, lora, weights, torch_home)
-
-
-_WORLD: FidWorld | None = None
-
-
-def shared_world(tmp_path_factory) -> FidWorld:
-    """One world per test session, whichever of tests/sample and tests/evaluate asks first."""
-    global _WORLD
-    if _WORLD is None:
-        _WORLD = build_world(tmp_path_factory.mktemp("fid-world"))
-    return _WORLD
