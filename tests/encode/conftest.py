@@ -1,26 +1,15 @@
-"""Fixtures of the encode tests: the tiny SD3 model (built once) and small captioned example folders."""
+"""Fixtures of the encode tests: a loaded tiny pipeline and small captioned example folders (``tiny_sd3`` and
+``run_cli`` come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from PIL import Image
+from click.testing import Result
 
-from sd3_lora_celeba import layout
-from sd3_lora_celeba.cli import cli
 from sd3_lora_celeba.models.loading import SD3_MODEL_ENV
-from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory) -> Path:
-    # A fixed name under the session's base folder: other test folders reuse the finished model.
-    return build_tiny_sd3(tmp_path_factory.getbasetemp() / "tiny-sd3")
 
 
 @pytest.fixture(scope="session")
@@ -45,23 +34,8 @@ def captions_of(i: int) -> dict[str, str]:
     }
 
 
-def write_example(folder: Path, example_id: str, i: int, size: tuple[int, int] = (64, 64)) -> Path:
-    """One captioned example folder: a seeded random image, ``example.json`` with 40 attributes, captions."""
-    d = folder / example_id
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(i)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(d / layout.IMAGE, quality=95)
-    attributes = {name: bool(rng.random() < 0.3) for name in layout.ATTRIBUTES}
-    record = {"id": example_id, "source": "celeba-hq", "split": folder.name, "attributes": attributes}
-    (d / layout.EXAMPLE_RECORD).write_text(json.dumps(record), encoding="utf-8")
-    for variant, text in captions_of(i).items():
-        (d / layout.prompt_file(variant)).write_text(text, encoding="utf-8")
-    return d
-
-
 @pytest.fixture
-def make_dataset(tmp_path) -> Callable[..., Path]:
+def make_dataset(tmp_path, write_example) -> Callable[..., Path]:
     """Build ``tmp_path/dataset`` with ``counts[split]`` examples per split; return the dataset root.
 
     Example ``train/ex-001`` is not square (96 x 80) to exercise the crop and resize.
@@ -73,21 +47,11 @@ def make_dataset(tmp_path) -> Callable[..., Path]:
         for split, n in (counts or {"train": 4, "val": 2}).items():
             for j in range(n):
                 size = (96, 80) if (split, j) == ("train", 1) else (64, 64)
-                write_example(root / split, f"ex-{i:03d}", i, size)
+                write_example(root / split, f"ex-{i:03d}", seed=i, size=size, texts=captions_of(i))
                 i += 1
         return root
 
     return make
-
-
-@pytest.fixture
-def run_cli() -> Callable[..., Result]:
-    """Run ``sd3 ARGS...`` in-process (quiet, plain logs); exceptions other than click's are kept in the result."""
-
-    def run(*args: object) -> Result:
-        return CliRunner().invoke(cli, ["--quiet", "--logging-style", "plain", *map(str, args)])
-
-    return run
 
 
 @pytest.fixture

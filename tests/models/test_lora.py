@@ -19,12 +19,6 @@ from sd3_lora_celeba.models.lora import (
     lora_target_modules,
     save_lora,
 )
-from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("lora") / "sd3")
 
 
 def _inputs():
@@ -93,8 +87,8 @@ def test_missing_lora_folder_is_a_clear_error(tiny_sd3, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd35_medium(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("lora35") / "sd35m", "sd3.5-medium")
+def tiny_sd35_medium(tiny_sd3_family):
+    return tiny_sd3_family("sd3.5-medium")
 
 
 def test_sd3_default_targets_are_the_joint_attention_only(tiny_sd3):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
-from sd3_lora_celeba.cli import cli
 from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_state_dict, lora_target_modules, save_lora
 from sd3_lora_celeba.models.lora_export import from_comfyui, read_diffusers_lora
 
@@ -32,14 +30,15 @@ def lora_folder(tmp_path):
     return tmp_path / "checkpoint-000010"
 
 
-def _export(folder, out, *extra):
-    result = CliRunner().invoke(cli, ["--quiet", "export-lora", str(folder), str(out), *extra])
-    return result
+@pytest.fixture
+def export(run_cli):
+    """``export(folder, out, *extra)``: ``sd3 --quiet export-lora FOLDER OUT EXTRA...`` (the CLI's log style)."""
+    return lambda folder, out, *extra: run_cli("export-lora", folder, out, *extra, logging_style=None)
 
 
-def test_round_trip_is_exact(lora_folder, tmp_path):
+def test_round_trip_is_exact(lora_folder, tmp_path, export):
     out = tmp_path / "comfy.safetensors"
-    result = _export(lora_folder, out, "--format", "comfyui", "--dtype", "float32")
+    result = export(lora_folder, out, "--format", "comfyui", "--dtype", "float32")
     assert result.exit_code == 0, result.output
     state = load_file(str(out))
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in state
@@ -55,10 +54,10 @@ def test_round_trip_is_exact(lora_folder, tmp_path):
         torch.testing.assert_close(back[key], original[key], rtol=0, atol=0)
 
 
-def test_comfyui_deltas_equal_the_diffusers_deltas(lora_folder, tmp_path):
+def test_comfyui_deltas_equal_the_diffusers_deltas(lora_folder, tmp_path, export):
     """ComfyUI applies up @ down * alpha / down.shape[0] to the fused MM-DiT weight: same change as diffusers."""
     out = tmp_path / "comfy.safetensors"
-    assert _export(lora_folder, out, "--dtype", "float32").exit_code == 0
+    assert export(lora_folder, out, "--dtype", "float32").exit_code == 0
     state = load_file(str(out))
     original, alpha, rank = read_diffusers_lora(lora_folder)
     for block, stream, parts in ((0, "x_block", ("to_q", "to_k", "to_v")), (2, "context_block", ("add_q_proj", "add_k_proj", "add_v_proj"))):  # fmt: skip
@@ -72,21 +71,21 @@ def test_comfyui_deltas_equal_the_diffusers_deltas(lora_folder, tmp_path):
         torch.testing.assert_close(comfy_delta, diffusers_delta, rtol=1e-5, atol=1e-6)
 
 
-def test_export_refuses_to_clobber_and_bad_input(lora_folder, tmp_path):
+def test_export_refuses_to_clobber_and_bad_input(lora_folder, tmp_path, export):
     out = tmp_path / "comfy.safetensors"
-    assert _export(lora_folder, out).exit_code == 0
+    assert export(lora_folder, out).exit_code == 0
     default = load_file(str(out))  # half precision by default, alpha scalars kept in fp32
     assert default["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].dtype == torch.float16
     assert default["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"].dtype == torch.float32
-    again = _export(lora_folder, out)
+    again = export(lora_folder, out)
     assert again.exit_code == 2 and "already exists" in again.output
-    assert _export(lora_folder, out, "--overwrite", "--dtype", "float32").exit_code == 0
+    assert export(lora_folder, out, "--overwrite", "--dtype", "float32").exit_code == 0
     assert (
         load_file(str(out))["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].dtype == torch.float32
     )
-    missing = _export(tmp_path / "nope", tmp_path / "x.safetensors")
+    missing = export(tmp_path / "nope", tmp_path / "x.safetensors")
     assert missing.exit_code == 2 and "LoRA folder not found" in missing.output
-    bad_suffix = _export(lora_folder, tmp_path / "x.bin")
+    bad_suffix = export(lora_folder, tmp_path / "x.bin")
     assert bad_suffix.exit_code == 2 and "must end in .safetensors" in bad_suffix.output
 
 
@@ -137,7 +136,7 @@ def sd35_medium_like() -> SD3Transformer2DModel:
     ).eval()  # fmt: skip
 
 
-def test_sd35_attn2_keys_follow_comfyui_map_and_deltas_match(tmp_path):
+def test_sd35_attn2_keys_follow_comfyui_map_and_deltas_match(tmp_path, export):
     model = sd35_medium_like()
     add_lora(model, lora_config(lora_target_modules(model, [0, 1, 2]), rank=2, alpha=4.0))
     for name, p in model.named_parameters():
@@ -145,7 +144,7 @@ def test_sd35_attn2_keys_follow_comfyui_map_and_deltas_match(tmp_path):
             p.data.normal_()
     save_lora(model, tmp_path / "ckpt")
     out = tmp_path / "comfy.safetensors"
-    assert _export(tmp_path / "ckpt", out, "--dtype", "float32").exit_code == 0
+    assert export(tmp_path / "ckpt", out, "--dtype", "float32").exit_code == 0
     state = load_file(str(out))
     original, alpha, rank = read_diffusers_lora(tmp_path / "ckpt")
     assert any(".attn2." in k for k in original)

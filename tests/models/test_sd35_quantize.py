@@ -9,12 +9,11 @@ from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.models.loading import load_transformer
 from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
 from sd3_lora_celeba.models.quantize import parameter_bytes, quantize_frozen_base
-from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
 
 
 @pytest.fixture(scope="module")
-def tiny_sd35(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("quant") / "sd35m", "sd3.5-medium")
+def tiny_sd35(tiny_sd3_family):
+    return tiny_sd3_family("sd3.5-medium")
 
 
 def _inputs():

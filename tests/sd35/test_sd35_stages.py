@@ -15,16 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.cli import cli
 from sd3_lora_celeba.models.families import model_defaults
 from sd3_lora_celeba.models.loading import SD3_MODEL_ENV
-from sd3_lora_celeba.testing.tiny_sd3 import TINY_IMAGE_SIZE, build_tiny_sd3
+from sd3_lora_celeba.testing.tiny_sd3 import TINY_IMAGE_SIZE
 
 CAPTIONS = [
     "a smiling young woman with long blond hair and heavy makeup, looking at the camera",
@@ -46,10 +44,16 @@ class Sd35Run:
         return {SD3_MODEL_ENV: str(self.model)}
 
 
-def sd3(env: dict[str, str], *args: object) -> str:
-    result = CliRunner().invoke(cli, ["--quiet", "--logging-style", "plain", *map(str, args)], env=env)
-    assert result.exit_code == 0, result.output
-    return result.output
+@pytest.fixture(scope="session")
+def sd3(run_cli):
+    """``sd3(env, *args)``: run ``sd3 ARGS`` with ``env``, fail with the output unless it exits 0, return it."""
+
+    def run(env: dict[str, str], *args: object) -> str:
+        result = run_cli(*args, env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    return run
 
 
 def make_split(split: Path, count: int, seed: int) -> None:
@@ -66,10 +70,10 @@ def make_split(split: Path, count: int, seed: int) -> None:
 
 
 @pytest.fixture(scope="module", params=["sd3.5-medium", "sd3.5-large"])
-def sd35(request, tmp_path_factory) -> Sd35Run:
+def sd35(request, tmp_path_factory, sd3, tiny_sd3_family) -> Sd35Run:
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    model = build_tiny_sd3(root / "model", family)
+    model = tiny_sd3_family(family)
     env = {SD3_MODEL_ENV: str(model)}
     dataset = root / "dataset"
     make_split(dataset / "train", 4, seed=0)
@@ -110,17 +114,17 @@ def test_caches_and_fine_tune(sd35):
     assert config["quantize_base"] == (sd35.family == "sd3.5-large")
 
 
-def test_attn2_layers_are_checked_against_the_loaded_model(sd35, tmp_path):
+def test_attn2_layers_are_checked_against_the_loaded_model(sd35, tmp_path, run_cli):
     args = ["fine-tune", sd35.dataset / "train", sd35.dataset / layout.EMPTY_PROMPT_DIR, "--output-dir",
             tmp_path / "run", "--lora-blocks", "13,14", "--lora-layers", "to_q,attn2.to_q", "--report-to", "none"]  # fmt: skip
-    result = CliRunner().invoke(cli, ["--quiet", *map(str, args)], env=sd35.env)
+    result = run_cli(*args, env=sd35.env, logging_style=None)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     expected = "blocks are 0..12" if sd35.family == "sd3.5-medium" else "no dual-attention (attn2) blocks"
     assert expected in result.output and "--lora-layers" in result.output
     assert not (tmp_path / "run").exists() or not layout.list_checkpoints(tmp_path / "run")
 
 
-def test_generate_images_with_and_without_lora(sd35, tmp_path):
+def test_generate_images_with_and_without_lora(sd35, tmp_path, sd3):
     test = sd35.dataset / "test"
     common = ["--num-inference-steps", "2", "--guidance-scale", "2"]
     sd3(sd35.env, "generate-images", test, tmp_path / "base", *common)
@@ -155,7 +159,7 @@ def test_attention_capture_with_the_lora(sd35):
     assert bool(attn2_sources) == (sd35.family == "sd3.5-medium")
 
 
-def test_export_for_comfyui(sd35, tmp_path):
+def test_export_for_comfyui(sd35, tmp_path, sd3):
     out = tmp_path / "comfy.safetensors"
     sd3(sd35.env, "export-lora", sd35.checkpoint, out, "--format", "comfyui")
     state = load_file(str(out))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3
 from sd3_lora_celeba.visualize.app import (
     VisualizeConfig,
     build_app,
@@ -16,8 +15,8 @@ from sd3_lora_celeba.visualize.app import (
 
 
 @pytest.fixture(scope="module")
-def sd35_explorer(tmp_path_factory):
-    path = build_tiny_sd3(tmp_path_factory.mktemp("sd35") / "sd3", "sd3.5-medium")
+def sd35_explorer(tiny_sd3_family):
+    path = tiny_sd3_family("sd3.5-medium")
     return load_explorer(VisualizeConfig(model_name=str(path), device="cpu", max_sequence_length=32))
 
 
