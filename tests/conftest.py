@@ -67,10 +67,11 @@ def world(tmp_path_factory, tiny_sd3):
 
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., Result]:
-    """``run_cli(*args, env=None, logging_style="plain", catch_exceptions=True)``: run
+    """``run_cli(*args, env=None, logging_style="plain", catch_exceptions=True, quiet=True)``: run
     ``sd3 --quiet --logging-style plain ARGS...`` in-process with click's CliRunner and return its result
     (``exit_code``, ``output`` = stdout + stderr, ``exception``). ``logging_style=None`` leaves the CLI's default
-    style; ``catch_exceptions=False`` lets an unexpected exception fail the test with its traceback."""
+    style; ``catch_exceptions=False`` lets an unexpected exception fail the test with its traceback;
+    ``quiet=False`` drops ``--quiet`` (progress and info lines stay in the output)."""
     from sd3_lora_celeba.cli import cli
 
     def run(
@@ -78,10 +79,13 @@ def run_cli() -> Callable[..., Result]:
         env: dict[str, str] | None = None,
         logging_style: str | None = "plain",
         catch_exceptions: bool = True,
+        quiet: bool = True,
     ) -> Result:
-        style = ["--logging-style", logging_style] if logging_style else []
+        options = (["--quiet"] if quiet else []) + (
+            ["--logging-style", logging_style] if logging_style else []
+        )
         return CliRunner().invoke(
-            cli, ["--quiet", *style, *map(str, args)], env=env, catch_exceptions=catch_exceptions
+            cli, [*options, *map(str, args)], env=env, catch_exceptions=catch_exceptions
         )
 
     return run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from sd3_lora_celeba import layout
 from sd3_lora_celeba.captioning import llama3
@@ -15,13 +14,14 @@ from sd3_lora_celeba.captioning.llama3 import (
     caption_llama3,
     generate_captions,
 )
-from sd3_lora_celeba.cli import cli
 
 INPUT, OUTPUT = layout.prompt_file("blip2"), layout.prompt_file("llama3")
 
 
-def run_cli(*args: str):
-    return CliRunner().invoke(cli, ["--logging-style", "plain", "caption-llama3", *args])
+@pytest.fixture
+def run_captioner(run_cli):
+    """``run_captioner(*args)``: ``sd3 --logging-style plain caption-llama3 ARGS...`` (not quiet)."""
+    return lambda *args: run_cli("caption-llama3", *args, quiet=False)
 
 
 @pytest.fixture
@@ -50,10 +50,10 @@ class RecordingGenerate:
         return generate_captions(model, tokenizer, conversations, **kwargs)
 
 
-def test_cli_captions_every_example_with_a_blip2_caption(tiny_env, blip2_dataset, captions):
+def test_cli_captions_every_example_with_a_blip2_caption(tiny_env, blip2_dataset, captions, run_captioner):
     lacking = blip2_dataset / "val" / "hq-val-001"
     (lacking / INPUT).unlink()
-    result = run_cli(str(blip2_dataset), "--batch-size", "3", "--max-new-tokens", "12")
+    result = run_captioner(str(blip2_dataset), "--batch-size", "3", "--max-new-tokens", "12")
     assert result.exit_code == 0, result.output
     written = captions(blip2_dataset, "llama3")
     assert sorted(written) == ["hq-train-000", "hq-train-001", "hq-train-002", "hq-val-000"]
@@ -61,7 +61,9 @@ def test_cli_captions_every_example_with_a_blip2_caption(tiny_env, blip2_dataset
     assert "lack prompt_blip2.txt" in result.output  # the skipped example is reported
 
 
-def test_prompt_gives_caption_and_attribute_sentences(tiny_env, blip2_dataset, monkeypatch, captions):
+def test_prompt_gives_caption_and_attribute_sentences(
+    tiny_env, blip2_dataset, monkeypatch, captions, run_captioner
+):
     example = blip2_dataset / "train" / "hq-train-001"
     record = json.loads((example / layout.EXAMPLE_RECORD).read_text())
     record["attributes"].update(Male=True, No_Beard=False, Attractive=True, Eyeglasses=True)
@@ -70,7 +72,7 @@ def test_prompt_gives_caption_and_attribute_sentences(tiny_env, blip2_dataset, m
         answer='Here is a short description:\n\n"A man with a beard and glasses."\n'
     )
     monkeypatch.setattr(llama3, "generate_captions", recording)
-    assert run_cli(str(example)).exit_code == 0
+    assert run_captioner(str(example)).exit_code == 0
     [[messages]] = recording.conversations
     user = messages[1]["content"]
     assert '"a face photo number 1"' in user
@@ -79,7 +81,7 @@ def test_prompt_gives_caption_and_attribute_sentences(tiny_env, blip2_dataset, m
     assert "attractive" not in user
     assert captions(example, "llama3") == {"hq-train-001": "A man with a beard and glasses."}
 
-    assert run_cli(str(example), "--overwrite", "--include-subjective").exit_code == 0
+    assert run_captioner(str(example), "--overwrite", "--include-subjective").exit_code == 0
     assert "- The person is attractive." in recording.conversations[-1][0][1]["content"]
 
 
@@ -104,27 +106,29 @@ def test_batch_seed_depends_on_seed_and_ids_only():
     assert 0 <= batch_seed(123, ["x"]) < 2**63
 
 
-def test_interrupted_run_resumes_and_rerun_redoes_nothing(tiny_env, blip2_dataset, monkeypatch, captions):
+def test_interrupted_run_resumes_and_rerun_redoes_nothing(
+    tiny_env, blip2_dataset, monkeypatch, captions, run_captioner
+):
     monkeypatch.setattr(llama3, "generate_captions", RecordingGenerate(fail_on=2))
-    result = run_cli(str(blip2_dataset), "--batch-size", "2", "--max-new-tokens", "6")
+    result = run_captioner(str(blip2_dataset), "--batch-size", "2", "--max-new-tokens", "6")
     assert isinstance(result.exception, RuntimeError)
     assert len(captions(blip2_dataset, "llama3")) == 2
     mtimes = {p: p.stat().st_mtime_ns for p in blip2_dataset.rglob(OUTPUT)}
 
     recording = RecordingGenerate()
     monkeypatch.setattr(llama3, "generate_captions", recording)
-    assert run_cli(str(blip2_dataset), "--batch-size", "2", "--max-new-tokens", "6").exit_code == 0
+    assert run_captioner(str(blip2_dataset), "--batch-size", "2", "--max-new-tokens", "6").exit_code == 0
     assert [len(c) for c in recording.conversations] == [2, 1]
     assert len(captions(blip2_dataset, "llama3")) == 5
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
 
-    assert run_cli(str(blip2_dataset)).exit_code == 0
+    assert run_captioner(str(blip2_dataset)).exit_code == 0
     assert len(recording.conversations) == 2  # nothing generated again
 
 
-def test_empty_answer_is_not_written(tiny_env, blip2_dataset, monkeypatch, captions):
+def test_empty_answer_is_not_written(tiny_env, blip2_dataset, monkeypatch, captions, run_captioner):
     monkeypatch.setattr(llama3, "generate_captions", RecordingGenerate(answer="Here is the description:\n"))
-    result = run_cli(str(blip2_dataset / "train"))
+    result = run_captioner(str(blip2_dataset / "train"))
     assert result.exit_code == 0
     assert captions(blip2_dataset, "llama3") == {}
     assert "empty caption" in result.output
@@ -138,26 +142,28 @@ def test_empty_answer_is_not_written(tiny_env, blip2_dataset, monkeypatch, capti
         ({"Male": 1}, "attribute(s) Male are not true/false"),
     ],
 )
-def test_bad_example_record_is_a_one_line_error(tiny_env, blip2_dataset, attributes, message):
+def test_bad_example_record_is_a_one_line_error(tiny_env, blip2_dataset, attributes, message, run_captioner):
     example = blip2_dataset / "val" / "hq-val-000"
     (example / layout.EXAMPLE_RECORD).write_text(json.dumps({"id": example.name, "attributes": attributes}))
-    result = run_cli(str(example))
+    result = run_captioner(str(example))
     assert result.exit_code == 2
     error = result.output.strip().splitlines()[-1]  # after the progress log lines
     assert str(example / layout.EXAMPLE_RECORD) in error and message in error
     assert "Traceback" not in result.output
 
 
-def test_bad_options_are_rejected(tiny_env, blip2_dataset):
+def test_bad_options_are_rejected(tiny_env, blip2_dataset, run_captioner):
     for args, message in ((["--temperature", "-1"], "--temperature -1.0"), (["--top-p", "0"], "--top-p 0.0")):
-        result = run_cli(str(blip2_dataset), *args)
+        result = run_captioner(str(blip2_dataset), *args)
         assert result.exit_code == 2 and message in result.output
 
 
-def test_blip2_caption_that_is_not_utf8_is_one_line_naming_it(tiny_env, blip2_dataset, captions):
+def test_blip2_caption_that_is_not_utf8_is_one_line_naming_it(
+    tiny_env, blip2_dataset, captions, run_captioner
+):
     bad = blip2_dataset / "val" / "hq-val-000" / layout.prompt_file("blip2")
     bad.write_bytes(b"a smiling woman \xff\xfe")
-    result = run_cli(str(blip2_dataset))
+    result = run_captioner(str(blip2_dataset))
     assert result.exit_code == 2, result.output
     error = result.output.strip().splitlines()[-1]
     assert f"{bad}: not UTF-8 text (byte 16)" in error and "caption-blip2" in error
@@ -165,10 +171,10 @@ def test_blip2_caption_that_is_not_utf8_is_one_line_naming_it(tiny_env, blip2_da
     assert captions(blip2_dataset, "llama3") == {}  # checked before anything is written
 
 
-def test_corrupt_example_record_names_the_command_that_rebuilds_it(tiny_env, blip2_dataset):
+def test_corrupt_example_record_names_the_command_that_rebuilds_it(tiny_env, blip2_dataset, run_captioner):
     record = blip2_dataset / "val" / "hq-val-000" / layout.EXAMPLE_RECORD
     record.write_bytes(b'{"id": "hq-val-000", "attrib')  # truncated
-    result = run_cli(str(blip2_dataset))
+    result = run_captioner(str(blip2_dataset))
     assert result.exit_code == 2, result.output
     error = result.output.strip().splitlines()[-1]
     assert f"{record}:1: invalid JSON" in error and "sd3 prepare-celeba-hq" in error
@@ -178,8 +184,8 @@ def test_corrupt_example_record_names_the_command_that_rebuilds_it(tiny_env, bli
     ("flag", "value"),
     [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"), ("--top-p", "nan")],
 )
-def test_sampling_flags_refuse_nan_and_infinity(blip2_dataset, flag, value, captions):
-    result = run_cli(str(blip2_dataset), flag, value)
+def test_sampling_flags_refuse_nan_and_infinity(blip2_dataset, flag, value, captions, run_captioner):
+    result = run_captioner(str(blip2_dataset), flag, value)
     assert result.exit_code == 2, result.output
     assert flag in result.output.strip().splitlines()[-1]
     assert captions(blip2_dataset, "llama3") == {}
