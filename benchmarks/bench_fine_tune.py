@@ -20,9 +20,8 @@ Configurations run interleaved (>= 3 repeats after a warm-up, ``gc.collect()`` b
 and min seconds per step and peak memory (CUDA: peak allocated; CPU: not measured per configuration). Goal
 ``train-step``: plain / ours (median) >= 1.15 on CPU (``--quick`` compares the default step: compiling takes
 longer than the budget there), >= 1.3 on CUDA (the faster of ours' two rows, named in the last row). Measured on
-the 2-core development machine under load (load average 7 to over 100 while seven engineers worked), both
-sides took 25 s per step at best: min 25.04 s ours vs 25.44 s plain (1.02x), medians 48.2 s vs 34.6 s (0.72x,
-noise). On a CPU in float32 both run the same kernels, and the overheads ours removes (per-sample noise on the
+the 2-core development machine with nothing else running: median 6.86 s ours vs 7.50 s plain (1.09x); under
+heavy load (load average 7 to over 100) the medians were noise (0.72x-0.93x). On a CPU in float32 both run the same kernels, and the overheads ours removes (per-sample noise on the
 main process, per-micro-batch host syncs) are milliseconds against seconds, so 1.15x is not reachable there
 honestly. The gains are for the GPU (bf16 defaults, TF32, fused AdamW, no per-micro-batch sync, loader work off
 the main process, --compile). With CUDA it also reports MFU (model FLOPs from ``torch.utils.flop_counter`` over

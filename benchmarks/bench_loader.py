@@ -17,10 +17,11 @@ compute-prompt-embeds write, so the real dataset checks them.
 Goal ``loader``: ours >= 200 samples/s (10x what an H200 trains at 1024 px). The goal's ratio is ours' samples/s
 over 200, target >= 1.0. Throughput is measured after the first batch (worker start-up excluded).
 
-Measured on the 2-core development machine shared by seven engineers (load average 6-8): ours 42-70
-samples/s, plain 19-31 (ours about 2.2x plain); not the 200 goal. In-process, one item takes about 5 ms
-when the machine is quiet (two 262k-element ``randn`` draws, latent posterior and noise, are most of it), so
-two workers on free cores should pass 200 samples/s (an estimate, not measured: here the cores were taken).
+Measured on the 2-core development machine with nothing else running: ours 143 samples/s, plain 48 (3x);
+under heavy load (load average 6-8) ours 42-70, plain 19-31. Not the 200 goal: in-process one item takes about
+5.3 ms (two 262k-element ``randn`` draws, latent posterior and noise, are half of it), and the two workers share
+two cores with the main process; more cores (a GPU machine has them) should pass 200 samples/s, an estimate
+that has not been measured.
 """
 
 from __future__ import annotations
