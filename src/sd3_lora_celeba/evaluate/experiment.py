@@ -452,29 +452,6 @@ def run_finished(run: Run) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _keep_process_group():
-    """Keep the process group alive across fine_tune calls.
-
-    fine_tune ends with accelerate's ``end_training``, which destroys the process group; starting a new one
-    between runs can hang (the new group reuses the old one's rendezvous keys). accelerate leaves the group
-    alone when it did not start the processes itself (``FORK_LAUNCHED``, which every ``PartialState()`` reads
-    again and which nothing else in accelerate reads): set it for the duration of one run only.
-    """
-    before = os.environ.get("FORK_LAUNCHED")
-    os.environ["FORK_LAUNCHED"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("FORK_LAUNCHED", None)
-        else:
-            os.environ["FORK_LAUNCHED"] = before
-        from accelerate.state import PartialState
-
-        PartialState()  # re-read the flag: later destroy calls behave as before
-
-
 def train_runs(plan: Plan) -> None:
     """Train each unfinished run, one at a time, on every process (DDP under ``accelerate launch``)."""
     for i, run in enumerate(plan.runs, start=1):
@@ -482,8 +459,7 @@ def train_runs(plan: Plan) -> None:
             log.info("run %d/%d %s: finished (step %d), skipped", i, len(plan.runs), run.name, run.final_step)
             continue
         log.info("run %d/%d %s: fine-tune to step %d", i, len(plan.runs), run.name, run.final_step)
-        with _keep_process_group():
-            fine_tune(run.config)
+        fine_tune(run.config, end_process_group=False)  # the next run trains on the same process group
 
 
 # --- scoring -------------------------------------------------------------------------------------------------
@@ -661,8 +637,7 @@ class Scorer:
 def _check_generation_settings(images: Path, settings: dict[str, Any]) -> None:
     path = images / layout.GENERATION_SETTINGS
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        _, changed = G.changed_settings(path, settings, fix=f"delete {images} to regenerate its images")
         if changed:
             raise InputError(
                 f"{path}: images were made with other settings ({', '.join(changed)}); delete {images} "

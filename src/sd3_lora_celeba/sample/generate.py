@@ -265,6 +265,20 @@ def _folder_outputs(output_dir: Path) -> list[Path]:
     return sorted({p for pattern in names for p in out.glob(pattern) if p.is_file()})
 
 
+def changed_settings(path: Path, settings: dict[str, Any], fix: str) -> tuple[dict[str, Any], list[str]]:
+    """The settings recorded in ``path`` and the keys where they differ from ``settings``.
+
+    An unreadable record is one line ending with ``fix``; records written before ``--model-revision`` was
+    renamed (key ``revision``) still compare equal."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable ({type(exc).__name__}); {fix}") from None
+    if "revision" in old and "model_revision" not in old:
+        old["model_revision"] = old.pop("revision")
+    return old, sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+
+
 def check_generation_settings(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse (one line) a folder made with other settings, or holding images without a record; no writes."""
     out = Path(output_dir)
@@ -279,15 +293,7 @@ def check_generation_settings(output_dir: Path, settings: dict[str, Any], overwr
                 f"are unknown; use a new OUT folder or pass --overwrite"
             )
         return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(
-            f"{path}: unreadable ({type(exc).__name__}); delete it or pass --overwrite"
-        ) from None
-    if "revision" in old and "model_revision" not in old:  # folders recorded before the flag's rename
-        old["model_revision"] = old.pop("revision")
-    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    old, changed = changed_settings(path, settings, fix="delete it or pass --overwrite")
     if changed:
         first = changed[0]
         raise InputError(

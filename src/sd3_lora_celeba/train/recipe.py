@@ -599,8 +599,11 @@ def train_step(
 # --- the run ----------------------------------------------------------------------------------------------------
 
 
-def fine_tune(config: FineTuneConfig) -> Path:
-    """Train the LoRA; returns the final checkpoint folder. Resumable; see the module docstring."""
+def fine_tune(config: FineTuneConfig, *, end_process_group: bool = True) -> Path:
+    """Train the LoRA; returns the final checkpoint folder. Resumable; see the module docstring.
+
+    ``end_process_group=False`` leaves a DDP process group alive for a caller that trains several runs in one
+    launch (``sd3 experiment``); the CLI ends it with the run."""
     check_train_dir(config)
     accelerator, storage_dtype = make_accelerator(config)
     run_dir = Path(config.output_dir)
@@ -608,7 +611,10 @@ def fine_tune(config: FineTuneConfig) -> Path:
     lock = output_lock(run_dir, "sd3 fine-tune") if accelerator.is_main_process else contextlib.nullcontext()
     try:
         with lock, StopSignals() as stop:
-            return _run(config, accelerator, storage_dtype, run_dir, stop)
+            final = _run(config, accelerator, storage_dtype, run_dir, stop)
+        if end_process_group:
+            accelerator.end_training()
+        return final
     finally:
         if new_folder and accelerator.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # refused before anything was written: leave no empty run folder behind
@@ -818,7 +824,6 @@ def train_loop(config: FineTuneConfig, accelerator, parts: Parts, run_dir: Path,
 
     bar.close()
     tracker.close()
-    accelerator.end_training()
     return layout.checkpoint_dir(run_dir, progress.step) if final_checkpoint is None else final_checkpoint
 
 
