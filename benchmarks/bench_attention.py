@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from run_all import goal_line
 
 from sd3_lora_celeba.visualize.capture import capture_attention
 from sd3_lora_celeba.visualize.explorer import default_capture
@@ -194,11 +195,7 @@ def main() -> None:
             print(
                 f"  {label:<60} median {median * 1e3:9.1f} ms  min {low * 1e3:9.1f} ms  peak {peak:8.0f} MB"
             )
-        met = goal["ratio"] <= goal["target"] if goal["op"] == "<=" else goal["ratio"] >= goal["target"]
-        print(
-            f"goal {goal['name']}: {goal['ratio']:.2f}x (target {goal['op']}{goal['target']}x) "
-            f"{'met' if met else 'not met'}"
-        )
+        print(goal_line(goal))
     if not args.skip_ncut:
         seconds = bench_ncut(args.device)
         print(f"\njoint NCUT eigenvectors + t-SNE colours, 3 x 4429 tokens x 1536 dims: {seconds:.2f} s")

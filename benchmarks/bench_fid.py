@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from run_all import goal_line
 
 
 def write_images(folder: Path, n: int, size: int) -> list[Path]:
@@ -141,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for goal in goals(args.device, args.quick):
         for label, median, best, _ in goal["rows"]:
             print(label if median is None else f"{label:45s} median {median:8.3f} s  min {best:8.3f} s")
-        met = goal["ratio"] >= goal["target"]
-        print(
-            f"goal {goal['name']}: {goal['ratio']:.2f}x (target >={goal['target']}x) {'met' if met else 'not met'}"
-        )
+        print(goal_line(goal))
     return 0
 
 
