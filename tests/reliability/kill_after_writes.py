@@ -12,20 +12,25 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 target = sys.argv[1]
 by_name = target.startswith("name=")
 allowed = 0 if by_name else int(target)
 renames = 0
 real_replace = os.replace
+# Writers on several threads (generate-images' PNG writer): the check, the count and the rename happen under one
+# lock, so the kill never lands between another thread's count and its rename (N renames are really done).
+lock = threading.Lock()
 
 
 def replace(src, dst, *args, **kwargs):
     global renames
-    if (os.path.basename(os.fspath(dst)) == target[5:]) if by_name else renames >= allowed:
-        os.kill(os.getpid(), signal.SIGKILL)
-    renames += 1
-    return real_replace(src, dst, *args, **kwargs)
+    with lock:
+        if (os.path.basename(os.fspath(dst)) == target[5:]) if by_name else renames >= allowed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        renames += 1
+        return real_replace(src, dst, *args, **kwargs)
 
 
 os.replace = replace
