@@ -293,20 +293,38 @@ def test_embeddings_stay_in_their_storage_dtype(world_copy):
     assert collate([dataset[(0, 1)], dropped])["prompt_embeds"].dtype == torch.float32
 
 
-def test_packed_batches_from_workers_unpack_to_the_same_tensors(world):
-    """Loader workers hand over one shared buffer per batch (collate_packed); unpack gives collate's batch."""
-    from sd3_lora_celeba.data.cached import collate_packed, unpack
+def _assert_same_batch(got: dict, want: dict) -> None:
+    assert set(got) == set(want) and got["id"] == want["id"]
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["unpack-as-they-come", "hold-then-unpack"])
+def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
+    """Loader workers hand over one shared buffer per batch (collate_packed) and reuse it once the main process
+    has copied the batch out; unpack gives collate's batch whether batches are unpacked as they come (buffers
+    reused) or all held first (every pooled buffer busy: the workers take one-off buffers)."""
+    from sd3_lora_celeba.data import cached
+    from sd3_lora_celeba.data.cached import PackedBatch, collate_packed, unpack
     from sd3_lora_celeba.train.flow import NoiseDraw
 
     dataset = CachedLatentsDataset(world["train"], world["empty"], noise_draw=NoiseDraw("logit_normal", 3.0))
-    items = [[(i, 10 + i), (i + 1, 20 + i)] for i in range(NUM_EXAMPLES - 1)]
+    items = [
+        [(i % NUM_EXAMPLES, 10 + i), ((i + 1) % NUM_EXAMPLES, 20 + i)] for i in range(6 * cached._POOL_SIZE)
+    ]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=items, num_workers=2, collate_fn=collate_packed
     )
-    for batch, item in zip(loader, items, strict=True):
-        assert "_packed" in batch  # one buffer came over, not one tensor per key
-        got, want = unpack(batch), collate([dataset[i] for i in item])
-        assert set(got) == set(want) and got["id"] == want["id"]
-        for key, value in want.items():
-            if isinstance(value, torch.Tensor):
-                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    buffers = set()
+    batches = []
+    for batch in loader:
+        assert isinstance(batch, PackedBatch)  # one buffer came over, not one tensor per key
+        buffers.add(batch.buffer.data_ptr())
+        batches.append(batch if hold else unpack(batch))
+    for batch, item in zip(batches, items, strict=True):
+        _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
+    if hold:
+        assert len(buffers) == len(items)
+    else:
+        assert len(buffers) <= 2 * cached._POOL_SIZE < len(items)  # reused, never refilled before copied out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,28 +406,143 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-_PACKED, _PACKED_LAYOUT = "_packed", "_packed_layout"
+# A worker's batch buffer starts with a 64-byte header; its first int32 says whether the buffer is in use.
+_HEADER_BYTES = 64
+_FREE, _IN_USE = 0, 1
+# Reusable buffers per worker: the batches a worker can have in flight (prefetch 2, one being pinned, one being
+# unpacked). When all are in use (a consumer that never unpacks, say) the worker takes a one-off buffer.
+_POOL_SIZE = 4
 
 
-def collate_packed(samples: list[dict]) -> dict:
-    """:func:`collate` for loader workers: every tensor of the batch stacked into ONE shared-memory buffer.
+@dataclass
+class _Slot:
+    buffer: Tensor
+    key: tuple[int, int, int] | None  # (worker pid, nonce, slot) for a pooled buffer; None for a one-off
+    sent: bool = False  # the main process has received this buffer (and keeps it mapped)
 
-    A worker hands each tensor to the main process separately (a socket round trip per tensor), which cost
-    more than reading the sample; one buffer per batch is one hand-over. :func:`unpack` restores the tensors
-    (views, no copy). Outside a worker it is plain :func:`collate`."""
+
+_pool: list[_Slot] = []  # this worker process's buffers; empty in the main process
+_worker_nonce: int | None = None
+_received: dict[tuple[int, int, int], Tensor] = {}  # main process: the pooled buffers of live workers
+
+
+def _state(buffer: Tensor) -> Tensor:
+    return buffer[:4].view(torch.int32)
+
+
+def _take_slot(nbytes: int) -> _Slot:
+    """A shared-memory uint8 buffer of at least ``_HEADER_BYTES + nbytes`` from this worker's pool, marked in use.
+
+    New shared memory costs a page fault per 4 KiB page in the worker (and again where it is read), and
+    handing a new buffer over costs a socket connection; a pooled buffer costs neither once the main process
+    has it."""
+    global _worker_nonce
+    nbytes += _HEADER_BYTES
+    free = [slot for slot in _pool if int(_state(slot.buffer)) == _FREE]
+    slot = next((slot for slot in free if slot.buffer.numel() >= nbytes), None)
+    if slot is None:
+        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+        if free:  # a free buffer too small for this batch: a larger one takes its place
+            slot = free[0]
+            slot.buffer, slot.sent = buffer, False
+        elif len(_pool) < _POOL_SIZE:
+            if _worker_nonce is None:
+                _worker_nonce = int.from_bytes(os.urandom(8), "little")
+            slot = _Slot(buffer, (os.getpid(), _worker_nonce, len(_pool)))
+            _pool.append(slot)
+        else:
+            slot = _Slot(buffer, None)
+    _state(slot.buffer).fill_(_IN_USE)
+    return slot
+
+
+def _forget_exited_workers() -> None:
+    for key in [k for k in _received if not _process_alive(k[0])]:
+        del _received[key]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class PackedBatch:
+    """A batch from a loader worker: ``fields`` (ids, variants) and every tensor in ONE shared-memory buffer.
+
+    A worker hands each tensor to the main process separately (a socket round trip per tensor), which cost more
+    than reading the sample; one buffer per batch is one hand-over. The worker reuses its buffers: the first
+    batch in a pooled buffer carries it, later ones only its key (the main process keeps the buffers it has
+    received, :data:`_received`). The worker refills a buffer only once the main process has copied the batch
+    out, in :meth:`pin_memory` (the loader's pinning thread, CUDA) or :meth:`unpack` (no pinning), which then
+    mark it free; nothing reads a buffer after marking it free.
+    """
+
+    def __init__(
+        self, fields: dict, buffer: Tensor, layout: list, key=None, *, send_buffer=True, shared=True
+    ):
+        self.fields, self.buffer, self.layout, self.key = fields, buffer, layout, key
+        self.send_buffer, self.shared = send_buffer, shared
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if not self.send_buffer:
+            state["buffer"] = None  # the main process has it under ``key``
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.key is None or not self.shared:
+            return
+        if self.buffer is None:
+            self.buffer = _received[self.key]
+        else:
+            if self.key[:2] not in {k[:2] for k in _received}:
+                _forget_exited_workers()  # a new worker: drop the buffers of workers that are gone
+            _received[self.key] = self.buffer
+        self.send_buffer = True  # pickled again (another process): carry the buffer
+
+    def _private_copy(self, copy: Callable[[Tensor], Tensor]) -> PackedBatch:
+        if not self.shared:
+            return self
+        private = copy(self.buffer)
+        _state(self.buffer).fill_(_FREE)  # the worker may overwrite it from now on
+        return PackedBatch(self.fields, private, self.layout, shared=False)
+
+    def pin_memory(self, device: object = None) -> PackedBatch:
+        return self._private_copy(Tensor.pin_memory)
+
+    def unpack(self) -> dict:
+        """The batch as :func:`collate` gives it (views of a private copy of the buffer)."""
+        batch = self._private_copy(Tensor.clone)
+        out = dict(batch.fields)
+        for key, dtype, shape, start in batch.layout:
+            out[key] = _view(batch.buffer, dtype, shape, start)
+        return out
+
+
+def collate_packed(samples: list[dict]) -> dict | PackedBatch:
+    """:func:`collate` for loader workers: a :class:`PackedBatch` (one reused shared buffer per batch).
+    :func:`unpack` restores the tensors. Outside a worker it is plain :func:`collate`."""
     if torch.utils.data.get_worker_info() is None:
         return collate(samples)
-    batch = {key: [s[key] for s in samples] for key in ("id", "variant")}
+    fields = {key: [s[key] for s in samples] for key in ("id", "variant")}
     stacks = {k: _same_dtype([s[k] for s in samples]) for k, v in samples[0].items() if isinstance(v, Tensor)}
-    layout, offset = [], 0
+    layout, offset = [], _HEADER_BYTES
     for key, tensors in stacks.items():
         shape = (len(tensors), *tensors[0].shape)
         layout.append((key, tensors[0].dtype, shape, offset))
         offset += -(-math.prod(shape) * tensors[0].element_size() // 64) * 64  # 64-byte aligned
-    buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))
+    slot = _take_slot(offset - _HEADER_BYTES)
     for (_key, dtype, shape, start), tensors in zip(layout, stacks.values(), strict=True):
-        torch.stack(tensors, out=_view(buffer, dtype, shape, start))
-    return {**batch, _PACKED: buffer, _PACKED_LAYOUT: layout}
+        torch.stack(tensors, out=_view(slot.buffer, dtype, shape, start))
+    batch = PackedBatch(fields, slot.buffer, layout, slot.key, send_buffer=not slot.sent)
+    slot.sent = slot.key is not None
+    return batch
 
 
 def _view(buffer: Tensor, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> Tensor:
@@ -434,12 +550,6 @@ def _view(buffer: Tensor, dtype: torch.dtype, shape: tuple[int, ...], start: int
     return buffer[start : start + size].view(dtype).view(shape)
 
 
-def unpack(batch: dict) -> dict:
-    """The batch of :func:`collate_packed` with its tensors back as entries (views of the one buffer)."""
-    if _PACKED not in batch:
-        return batch
-    batch = dict(batch)
-    buffer, layout = batch.pop(_PACKED), batch.pop(_PACKED_LAYOUT)
-    for key, dtype, shape, start in layout:
-        batch[key] = _view(buffer, dtype, shape, start)
-    return batch
+def unpack(batch: dict | PackedBatch) -> dict:
+    """The batch of :func:`collate_packed` with its tensors back as entries; a plain batch as it is."""
+    return batch.unpack() if isinstance(batch, PackedBatch) else batch
