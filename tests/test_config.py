@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -207,3 +208,70 @@ def test_bounds_hold_for_config_files_and_python(tmp_path):
     with pytest.raises(InputError, match="--steps 0"):
         config_from_dict(BoundedConfig, {"steps": 0})
     assert BoundedConfig(seed=2**32 - 1, ratio=1.0).seed == 2**32 - 1
+
+
+def _every_command_config() -> list[tuple[str, type]]:
+    import importlib
+
+    from sd3_lora_celeba.cli import COMMANDS
+
+    out = []
+    for name, (target, _help) in COMMANDS.items():
+        module, cls_name, _function = target.split(":")
+        out.append((name, getattr(importlib.import_module(module), cls_name)))
+    return out
+
+
+def _out_of_bounds_cases() -> list:
+    """(command, config class, field, bad value) for every bounded or float option of every command."""
+    import dataclasses
+
+    from sd3_lora_celeba.config import _bounds, _resolved_hints, _unwrap_optional
+
+    cases = []
+    for command, cls in _every_command_config():
+        hints = _resolved_hints(cls)
+        for f in dataclasses.fields(cls):
+            base, _ = _unwrap_optional(hints[f.name])
+            is_tuple = typing.get_origin(base) is tuple
+            if is_tuple:
+                base = typing.get_args(base)[0]
+            if base not in (int, float) or base is bool:
+                continue
+            low, high = _bounds(f, base)
+            bad = []
+            if low is not None:
+                bad.append(base(low - 1))
+            elif high is not None:
+                bad.append(base(high + 1))
+            if base is float:
+                bad.append(float("nan"))
+            for value in bad:
+                cases.append(
+                    pytest.param(cls, f.name, (value,) if is_tuple else value, id=f"{command}-{f.name}")
+                )
+    return cases
+
+
+def _required_args(cls: type, tmp_path: Path) -> dict:
+    import dataclasses
+
+    from sd3_lora_celeba.config import _resolved_hints, _unwrap_optional
+
+    hints = _resolved_hints(cls)
+    args = {}
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            base, _ = _unwrap_optional(hints[f.name])
+            args[f.name] = {int: 1, str: "x"}.get(base, tmp_path)
+    return args
+
+
+@pytest.mark.parametrize(("cls", "field", "value"), _out_of_bounds_cases())
+def test_every_command_checks_its_numbers_when_built_from_python(cls, field, value, tmp_path):
+    """Python callers get the CLI's one-line bounds error from every command's config (its ``__post_init__``
+    calls :func:`check_bounds` first), not a failure deep in the stage."""
+    from sd3_lora_celeba.config import flag_name
+
+    with pytest.raises(InputError, match=f"^{flag_name(field)} "):
+        cls(**{**_required_args(cls, tmp_path), field: value})

@@ -30,7 +30,7 @@ import click
 import yaml
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import atomic_write_text
 
@@ -53,6 +53,7 @@ class DemoConfig:
     )
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.fine_tune_steps < 2:
             raise ValueError("--fine-tune-steps must be at least 2 (the demo plots FID at two checkpoints)")
         if self.num_hq_images < 20:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd3_lora_celeba import __version__
-from sd3_lora_celeba.config import option
+from sd3_lora_celeba.config import check_bounds, option
 from sd3_lora_celeba.models.loading import (
     BLIP2_MODEL_ENV,
     DEFAULT_BLIP2_MODEL,
@@ -38,6 +38,9 @@ class DoctorConfig:
         DEFAULT_LLAMA3_MODEL, "Llama 3 model: hub id or local folder.", env=LLAMA3_MODEL_ENV
     )
     timeout: float = option(10.0, "Seconds to wait for the hub before calling a model unreachable.", min=0.1)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def library_versions() -> dict[str, str]:

@@ -19,7 +19,7 @@ from sd3_lora_celeba.captioning.loop import (
     model_name_option,
     run_caption_loop,
 )
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.models.loading import BLIP2_MODEL_ENV, DEFAULT_BLIP2_MODEL, Precision, resolve_dtype
 from sd3_lora_celeba.parallel import process_state, stage_lock
 
@@ -51,6 +51,7 @@ class CaptionBlip2Config:
     overwrite: bool = option(False, "Caption again examples that already have prompt_blip2.txt.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         for flag, value in (
             ("--batch-size", self.batch_size),
             ("--max-new-tokens", self.max_new_tokens),

@@ -26,7 +26,7 @@ from sd3_lora_celeba.captioning.loop import (
     run_caption_loop,
 )
 from sd3_lora_celeba.captioning.prompting import attribute_sentences, build_messages
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.data import records
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.models.loading import DEFAULT_LLAMA3_MODEL, LLAMA3_MODEL_ENV, Precision, resolve_dtype
@@ -64,6 +64,7 @@ class CaptionLlama3Config:
     overwrite: bool = option(False, "Caption again examples that already have prompt_llama3.txt.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         for flag, value in (
             ("--batch-size", self.batch_size),
             ("--max-new-tokens", self.max_new_tokens),

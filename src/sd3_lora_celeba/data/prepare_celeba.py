@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.data.celeba_files import (
     bbox_line_number,
     read_attribute_file,
@@ -80,6 +80,7 @@ class PrepareCelebAConfig:
     overwrite: bool = option(False, "Redo every CelebA example even if DST already holds it.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.min_image_size < 1:
             raise ValueError(
                 f"--min-image-size must be a positive number of pixels, got {self.min_image_size}"

@@ -32,7 +32,7 @@ import numpy as np
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.data.celeba_files import (
     read_attribute_file,
     read_hq_mapping,
@@ -93,6 +93,7 @@ class PrepareCelebAHQConfig:
     overwrite: bool = option(False, "Redo every example (and the split) even if DST already holds them.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if not 0 <= self.random_seed < 2**32:
             raise ValueError(f"--random-seed {self.random_seed}: must be 0 to {2**32 - 1}")
         if self.split_by_identity and self.celeba_dir is None:

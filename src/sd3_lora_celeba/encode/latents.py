@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from sd3_lora_celeba import layout, parallel
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import atomic_save_safetensors
 from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, StorageDtype, torch_dtype
@@ -97,6 +97,7 @@ class ComputeLatentDistConfig:
     overwrite: bool = option(False, "Recompute examples that already have latent_dist.safetensors.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"--batch-size {self.batch_size}: must be 1 to {MAX_BATCH_SIZE}")
         if not 0 <= self.num_workers <= 64:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from sd3_lora_celeba import layout, parallel
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.data.records import read_caption
 from sd3_lora_celeba.encode.latents import read_metadata_or_none
 from sd3_lora_celeba.errors import InputError
@@ -116,6 +116,7 @@ class ComputePromptEmbedsConfig:
     overwrite: bool = option(False, "Re-embed every prompt, even those already cached.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         index = encoder_index(self.encoder)
         if index < 3 and self.max_sequence_length != CLIP_MAX_LENGTH:
             raise ValueError(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.io import atomic_copy, remove_stale_temp_files
 from sd3_lora_celeba.parallel import progress
@@ -35,6 +35,7 @@ class CopyImagesConfig:
     overwrite: bool = option(False, "Replace files that already exist in OUTPUT_DIR.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.num_images is not None and self.num_images < 1:
             raise ValueError("--num-images must be at least 1")
         if self.relative_symlinks and not self.symlink:

@@ -57,6 +57,7 @@ from sd3_lora_celeba.config import (
     _resolved_hints,
     _unwrap_optional,
     argument,
+    check_bounds,
     config_from_dict,
     config_to_dict,
     option,
@@ -97,6 +98,9 @@ class ExperimentConfig:
         None, "Experiment folder; default: output_dir in the file, else FILE's folder/FILE's stem."
     )
     dry_run: bool = option(False, "Print the runs and the number of scores, write nothing.")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from sd3_lora_celeba import layout
-from sd3_lora_celeba.config import argument
+from sd3_lora_celeba.config import argument, check_bounds
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.evaluate.plots import Curve, fid_figure, save_figure
 from sd3_lora_celeba.io import TMP_PREFIX, atomic_write_json, atomic_write_text
@@ -42,6 +42,9 @@ FID_VS_GUIDANCE = "fid_vs_guidance"
 @dataclass
 class ReportConfig:
     experiment_dir: Path = argument("Experiment folder written by sd3 experiment.")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def point_key(model: str, step: int, variant: str, guidance_scale: float) -> str:

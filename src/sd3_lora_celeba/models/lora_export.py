@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from sd3_lora_celeba.config import argument, option
+from sd3_lora_celeba.config import argument, check_bounds, option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.models.loading import StorageDtype
 from sd3_lora_celeba.models.lora import adapter_config_from_metadata, lora_weights_file
@@ -62,6 +62,7 @@ class ExportLoraConfig:
     overwrite: bool = option(False, "Replace an existing output file.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if Path(self.output).suffix != ".safetensors":
             raise ValueError(f"OUTPUT {self.output}: must end in .safetensors")
 

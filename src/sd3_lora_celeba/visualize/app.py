@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sd3_lora_celeba.config import option
+from sd3_lora_celeba.config import check_bounds, option
 from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, Precision
 
@@ -72,6 +72,7 @@ class VisualizeConfig:
     )
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port}: use a port between 1 and 65535")
         if self.resolution is not None and (self.resolution < 16 or self.resolution % 16):
