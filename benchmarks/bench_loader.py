@@ -10,18 +10,20 @@ compute-prompt-embeds write, so the real dataset checks them.
 
 * ``ours``: ``sd3 fine-tune``'s loader (``recipe.build_dataset`` + ``recipe.build_loader``, the training sampler,
   ``--dataloader-num-workers`` default): each worker reads only the tensors a sample needs, keeps embeddings
-  float16 and draws the sample's diffusion noise and noise level.
+  float16 and draws the sample's diffusion noise and noise level; a worker reuses its shared batch buffers once
+  the main process has copied a batch out (``unpack`` here; on CUDA the loader's pinning thread does that copy).
 * ``plain``: a straightforward per-sample loader with the same workers: reads every tensor of the four files,
   converts to float32, joins, and draws the noise in the training loop (main process), one sample at a time.
 
 Goal ``loader``: ours >= 200 samples/s (10x what an H200 trains at 1024 px). The goal's ratio is ours' samples/s
 over 200, target >= 1.0. Throughput is measured after the first batch (worker start-up excluded).
 
-Measured on the 2-core development machine with nothing else running: ours 143 samples/s, plain 48 (3x);
-under heavy load (load average 6-8) ours 42-70, plain 19-31. Not the 200 goal: in-process one item takes about
-5.3 ms (two 262k-element ``randn`` draws, latent posterior and noise, are half of it), and the two workers share
-two cores with the main process; more cores (a GPU machine has them) should pass 200 samples/s, an estimate
-that has not been measured.
+Measured on the 2-core development machine with nothing else running (2026-12-02): ours 231-234 samples/s
+(median of 3), plain 66-68 (3.4x). Before the workers reused their batch buffers, ours gave 143: each batch
+went into fresh shared memory (a page fault per 4 KiB page in the worker, about as much system time as the
+sample's own reading and noise) and its hand-over opened a socket to the worker. In-process one item takes
+about 4.2 ms, half of it the two 262k-element ``randn`` draws (latent posterior and noise). Under heavy load
+the figures drop with the cores the workers get (an earlier loaded run: ours 42-70, plain 19-31).
 """
 
 from __future__ import annotations
