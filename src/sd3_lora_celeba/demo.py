@@ -93,13 +93,36 @@ def _pytorch_fid(args: list[str], cwd: Path) -> str:
 
 
 def demo(config: DemoConfig) -> dict[str, Path]:
-    from rich.console import Console
-    from rich.table import Table
-
-    from sd3_lora_celeba.testing.world import build_tiny_world
-
+    """Every README stage on a tiny offline world, in README order; a re-run redoes nothing finished."""
     start = time.perf_counter()
     out = config.out.resolve()
+    world, weights = _tiny_world(config, out)
+    dataset, run_dir, fid = out / "dataset", out / "runs" / "fine-tune", out / "fid"
+    _prepare_caption_encode(world, dataset)
+    checkpoint = _fine_tune(dataset, run_dir, config.fine_tune_steps)
+    scores = _fid_stages(dataset / "test", fid, run_dir, checkpoint, weights, out)
+    # Reproducing the results: the experiment command on a tiny grid.
+    experiment_file = out / "experiment.yaml"
+    atomic_write_text(experiment_file, yaml.safe_dump(_tiny_experiment(dataset, out / "experiment", weights)))
+    results = _sd3(["experiment", str(experiment_file)])
+
+    outputs = {
+        "dataset (splits, captions, caches)": dataset,
+        "LoRA run (metrics.jsonl, tensorboard, checkpoints)": run_dir,
+        "last LoRA checkpoint": checkpoint,
+        "FID image folders": fid,
+        "FID vs step (CSV + plot)": out / "fid-vs-step",
+        "experiment (results.md, figures, manifest)": out / "experiment",
+        "tiny models and synthetic releases": world.root,
+    }
+    _print_summary(outputs, scores, results["table"], time.perf_counter() - start)
+    return outputs
+
+
+def _tiny_world(config: DemoConfig, out: Path) -> tuple[Any, Path]:
+    """The tiny models and synthetic releases (built once), this process pointed at them; the Inception weights."""
+    from sd3_lora_celeba.testing.world import build_tiny_world
+
     try:
         world = build_tiny_world(
             out / "world", num_hq_images=config.num_hq_images, model_family=config.model_family
@@ -111,32 +134,31 @@ def demo(config: DemoConfig) -> dict[str, Path]:
         from sd3_lora_celeba.testing.inception import install_inception_weights
 
         install_inception_weights(config.inception_weights, world.torch_home)
-    weights = config.inception_weights or world.inception_weights
+    return world, config.inception_weights or world.inception_weights
 
-    dataset = out / "dataset"
-    empty = dataset / layout.EMPTY_PROMPT_DIR
-    run_dir = out / "runs" / "fine-tune"
-    fid = out / "fid"
 
-    # Download and prepare the datasets.
+def _prepare_caption_encode(world: Any, dataset: Path) -> None:
+    """Prepare the datasets, caption the images, cache latents and prompt embeddings (README sections 1-3)."""
     _sd3(["prepare-celeba-hq", str(world.celeba_hq), str(dataset)])
     _sd3(["prepare-celeba", str(world.celeba), str(world.celeba_hq), str(dataset)])
-    # Caption the images.
     _sd3(["caption-blip2", str(dataset)])
     _sd3(["caption-llama3", str(dataset)])
-    # Compute image latent distributions and prompt embeddings (the empty prompt as the README makes it).
     _sd3(["compute-latent-dist", str(dataset)])
     for encoder in ("1", "2", "3"):
         _sd3(["compute-prompt-embeds", encoder, str(dataset)])
+    # The empty prompt, made as the README makes it.
+    empty = dataset / layout.EMPTY_PROMPT_DIR
     empty.mkdir(exist_ok=True)
     (empty / layout.prompt_file("empty")).touch()
     for encoder in ("1", "2", "3"):
         _sd3(["compute-prompt-embeds", encoder, str(empty)])
-    # Fine-tune: the README's hyperparameters, shortened.
-    steps = config.fine_tune_steps
+
+
+def _fine_tune(dataset: Path, run_dir: Path, steps: int) -> Path:
+    """The README's fine-tune hyperparameters, shortened to ``steps``; returns the last checkpoint."""
     _sd3(
         [
-            "fine-tune", str(dataset / "train"), str(empty),
+            "fine-tune", str(dataset / "train"), str(dataset / layout.EMPTY_PROMPT_DIR),
             "--amp",
             "--lora-blocks", "4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22",
             "--lora-rank", "64",
@@ -153,9 +175,12 @@ def demo(config: DemoConfig) -> dict[str, Path]:
             "--checkpointing-steps", str(max(1, steps // 2)),
         ]
     )  # fmt: skip
-    checkpoint = layout.list_checkpoints(run_dir)[-1]
-    # Calculate FID scores: the README's commands, then the in-process equivalent and the sweep.
-    test = dataset / "test"
+    return layout.list_checkpoints(run_dir)[-1]
+
+
+def _fid_stages(test: Path, fid: Path, run_dir: Path, checkpoint: Path, weights: Path, out: Path) -> dict:
+    """The README's FID commands (pytorch-fid on the image folders), ``sd3 fid`` and the sweep over steps;
+    returns what pytorch-fid printed for the pretrained and fine-tuned folders."""
     _sd3(["copy-images", str(test), str(fid / "ground-truth")])
     _sd3(["generate-images", str(test), str(fid / "pretrained")])
     _sd3(["generate-images", str(test), str(fid / "fine-tuned"), "--lora-weight-dir", str(checkpoint)])
@@ -172,22 +197,15 @@ def demo(config: DemoConfig) -> dict[str, Path]:
         ["fid-vs-step", str(run_dir), str(test), "--output-dir", str(out / "fid-vs-step"),
          "--inception-weights", str(weights), "--num-inference-steps", "8"]
     )  # fmt: skip
-    # Reproducing the results: the experiment command on a tiny grid.
-    experiment_file = out / "experiment.yaml"
-    atomic_write_text(experiment_file, yaml.safe_dump(_tiny_experiment(dataset, out / "experiment", weights)))
-    results = _sd3(["experiment", str(experiment_file)])
+    return scores
 
-    outputs = {
-        "dataset (splits, captions, caches)": dataset,
-        "LoRA run (metrics.jsonl, tensorboard, checkpoints)": run_dir,
-        "last LoRA checkpoint": checkpoint,
-        "FID image folders": fid,
-        "FID vs step (CSV + plot)": out / "fid-vs-step",
-        "experiment (results.md, figures, manifest)": out / "experiment",
-        "tiny models and synthetic releases": world.root,
-    }
+
+def _print_summary(outputs: dict[str, Path], scores: dict[str, str], table_md: str, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console(stderr=False, width=max(120, shutil.get_terminal_size().columns))
-    table = Table(title=f"sd3 demo finished in {time.perf_counter() - start:.0f} s")
+    table = Table(title=f"sd3 demo finished in {seconds:.0f} s")
     table.add_column("output")
     table.add_column("where", overflow="fold")
     for what, where in outputs.items():
@@ -195,8 +213,7 @@ def demo(config: DemoConfig) -> dict[str, Path]:
     for name, line in scores.items():
         table.add_row(f"pytorch-fid, {name} (random weights: meaningless)", line)
     console.print(table)
-    click.echo("Results of the tiny experiment (random weights: meaningless):\n" + results["table"])
-    return outputs
+    click.echo("Results of the tiny experiment (random weights: meaningless):\n" + table_md)
 
 
 def _tiny_experiment(dataset: Path, output_dir: Path, inception_weights: Path) -> dict[str, Any]:

@@ -328,3 +328,38 @@ def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
         assert len(buffers) == len(items)
     else:
         assert len(buffers) <= 2 * cached._POOL_SIZE < len(items)  # reused, never refilled before copied out
+
+
+def test_pinning_copies_the_batch_out_and_frees_the_worker_buffer(world, monkeypatch):
+    """The CUDA path: the loader's pinning thread copies a worker's batch out and marks the buffer free, so the
+    worker's next batch reuses it without touching the pinned copy; a forked process never takes its parent's
+    buffers. (Pinning needs CUDA: a clone stands in for it here.)"""
+    import multiprocessing
+
+    from sd3_lora_celeba.data import cached
+
+    monkeypatch.setattr(cached, "_pool", [])
+    monkeypatch.setattr(cached, "_pool_owner", None)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # collate as in a worker
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: t.clone())
+    dataset = CachedLatentsDataset(world["train"], world["empty"])
+    first = cached.collate_packed([dataset[(0, 1)], dataset[(1, 2)]])
+    assert int(cached._state(first.buffer)) == cached._IN_USE
+    pinned = torch.utils.data._utils.pin_memory.pin_memory(first)
+    assert isinstance(pinned, cached.PackedBatch) and not pinned.shared
+    assert int(cached._state(first.buffer)) == cached._FREE
+    second = cached.collate_packed([dataset[(2, 3)], dataset[(3, 4)]])
+    assert second.buffer.data_ptr() == first.buffer.data_ptr()  # reused
+    _assert_same_batch(cached.unpack(pinned), collate([dataset[(0, 1)], dataset[(1, 2)]]))
+    _assert_same_batch(cached.unpack(second), collate([dataset[(2, 3)], dataset[(3, 4)]]))
+
+    cached._state(first.buffer).fill_(cached._FREE)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child_ptr = pool.apply(_fresh_slot_pointer)
+    assert child_ptr != first.buffer.data_ptr()
+
+
+def _fresh_slot_pointer() -> int:
+    from sd3_lora_celeba.data import cached
+
+    return cached._take_slot(16).buffer.data_ptr()

@@ -422,7 +422,7 @@ class _Slot:
 
 
 _pool: list[_Slot] = []  # this worker process's buffers; empty in the main process
-_worker_nonce: int | None = None
+_pool_owner: tuple[int, int] | None = None  # (pid, nonce) of the process that owns _pool
 _received: dict[tuple[int, int, int], Tensor] = {}  # main process: the pooled buffers of live workers
 
 
@@ -436,7 +436,9 @@ def _take_slot(nbytes: int) -> _Slot:
     New shared memory costs a page fault per 4 KiB page in the worker (and again where it is read), and
     handing a new buffer over costs a socket connection; a pooled buffer costs neither once the main process
     has it."""
-    global _worker_nonce
+    global _pool, _pool_owner
+    if _pool_owner is None or _pool_owner[0] != os.getpid():  # a forked process's pool is its parent's
+        _pool, _pool_owner = [], (os.getpid(), int.from_bytes(os.urandom(8), "little"))
     nbytes += _HEADER_BYTES
     free = [slot for slot in _pool if int(_state(slot.buffer)) == _FREE]
     slot = next((slot for slot in free if slot.buffer.numel() >= nbytes), None)
@@ -446,9 +448,7 @@ def _take_slot(nbytes: int) -> _Slot:
             slot = free[0]
             slot.buffer, slot.sent = buffer, False
         elif len(_pool) < _POOL_SIZE:
-            if _worker_nonce is None:
-                _worker_nonce = int.from_bytes(os.urandom(8), "little")
-            slot = _Slot(buffer, (os.getpid(), _worker_nonce, len(_pool)))
+            slot = _Slot(buffer, (*_pool_owner, len(_pool)))
             _pool.append(slot)
         else:
             slot = _Slot(buffer, None)
