@@ -109,12 +109,8 @@ class LockedError(InputError):
     """Another live process holds the lock of an output folder (one line, exit 2)."""
 
 
-def _holder_alive(info: dict[str, Any]) -> bool:
-    if info.get("host") != socket.gethostname():
-        return True  # cannot tell for another host: assume it is alive
-    pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -122,6 +118,13 @@ def _holder_alive(info: dict[str, Any]) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _holder_alive(info: dict[str, Any]) -> bool:
+    if info.get("host") != socket.gethostname():
+        return True  # cannot tell for another host: assume it is alive
+    pid = info.get("pid")
+    return isinstance(pid, int) and pid > 0 and process_alive(pid)
 
 
 @contextlib.contextmanager

@@ -324,6 +324,8 @@ def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
         batches.append(batch if hold else unpack(batch))
     for batch, item in zip(batches, items, strict=True):
         _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
+    # The main process keeps the pooled buffers of this loader's two workers only (earlier loaders' are dropped).
+    assert len({key[:2] for key in cached._received}) == 2
     if hold:
         assert len(buffers) == len(items)
     else:

@@ -457,18 +457,10 @@ def _take_slot(nbytes: int) -> _Slot:
 
 
 def _forget_exited_workers() -> None:
-    for key in [k for k in _received if not _process_alive(k[0])]:
+    from sd3_lora_celeba.io import process_alive
+
+    for key in [k for k in _received if not process_alive(k[0])]:
         del _received[key]
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class PackedBatch:
