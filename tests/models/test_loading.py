@@ -8,6 +8,11 @@ the offline case, by the real code with an empty cache. Nothing leaves the machi
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import time
+import types
+from pathlib import Path
 
 import httpx
 import pytest
@@ -161,6 +166,87 @@ def test_no_network_is_one_line(monkeypatch):
         with pytest.raises(InputError) as exc:
             load_pretrained(_raising(error), "x/y", what="SD3 pipeline")
         _one_line(exc, "SD3 pipeline x/y", "cannot be reached", "hf download x/y", "--model-name DIR")
+
+
+def _closed_port_endpoint() -> str:
+    """A hub endpoint on this machine where nothing listens (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _cache_repo(cache: Path, repo_id: str, folder: Path) -> None:
+    """``folder`` stored as the hub client stores a downloaded repo (``refs/main`` naming a snapshot)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path) -> Path:
+    """Online mode (HF_HUB_OFFLINE unset) with a hub that refuses connections; the client's retry back-off
+    fails the test. Returns the (empty) hub cache folder."""
+    from huggingface_hub import constants, hf_api
+    from huggingface_hub.utils import _http
+
+    endpoint = _closed_port_endpoint()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for variable in loading._PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+    def no_back_off(seconds: float) -> None:
+        raise AssertionError(f"the hub client retried (back-off of {seconds} s)")
+
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=no_back_off, time=time.time))
+    loading.hub_reachable.cache_clear()
+    yield cache
+    loading.hub_reachable.cache_clear()
+
+
+def test_an_unreachable_hub_means_the_local_cache_at_once(unreachable_hub, tiny_sd3, caplog):
+    """HF_HUB_OFFLINE unset and no network: a cached model loads at once (one probe, no retries, one warning)."""
+    _cache_repo(unreachable_hub, "some-org/tiny-sd3", tiny_sd3)
+    with caplog.at_level("WARNING", logger="sd3_lora_celeba.models.loading"):
+        vae = loading.load_vae("some-org/tiny-sd3")
+        pipe = loading.load_pipeline_without_text_encoders("some-org/tiny-sd3")
+    assert vae.config.latent_channels == pipe.vae.config.latent_channels
+    warnings = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(warnings) == 1 and "HF_HUB_OFFLINE=1" in warnings[0]
+
+
+def test_an_unreachable_hub_without_the_model_is_one_line(unreachable_hub):
+    for load in _loaders().values():
+        with pytest.raises(InputError) as exc:
+            load("some-org/never-downloaded")
+        _one_line(exc, "cannot be reached", "hf download some-org/never-downloaded")
+
+
+def test_the_hub_probe(monkeypatch):
+    """A refused connection is unreachable; behind a proxy the direct probe cannot tell: reachable."""
+    for variable in loading._PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    endpoint = _closed_port_endpoint()
+    loading.hub_reachable.cache_clear()
+    assert not loading.hub_reachable(endpoint)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert loading.hub_reachable(f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    loading.hub_reachable.cache_clear()
+    assert loading.hub_reachable(endpoint)
+    loading.hub_reachable.cache_clear()
 
 
 def test_a_name_that_is_no_folder_and_no_hub_id():

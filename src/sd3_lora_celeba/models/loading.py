@@ -23,9 +23,13 @@ Precision: every command's ``--precision`` is a :data:`Precision`; ``auto`` is r
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import socket
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +37,8 @@ from typing import Any, Literal
 import torch
 
 from sd3_lora_celeba.errors import InputError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SD3_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 DEFAULT_BLIP2_MODEL = "Salesforce/blip2-flan-t5-xl-coco"
@@ -219,6 +225,46 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to the hub ``endpoint`` opens within a few seconds (asked once per process).
+
+    Without a network the hub client retries every request with back-off (about 25 s each) before it falls back
+    to the local cache; one probe here replaces that. Behind a proxy the direct probe says nothing: reachable."""
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return True
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_unreachable() -> bool:
+    """True when the hub is to be used (HF_HUB_OFFLINE unset) but cannot be reached; warns once."""
+    if _offline():
+        return False
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    seen = hub_reachable.cache_info().currsize
+    if hub_reachable(endpoint):
+        return False
+    if hub_reachable.cache_info().currsize > seen:
+        log.warning(
+            "%s cannot be reached: models load from the local hub cache only (set HF_HUB_OFFLINE=1 to skip "
+            "this check)",
+            endpoint,
+        )
+    return True
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -336,6 +382,8 @@ def load_pretrained(
     _follow_hub_progress_setting()
     if _looks_local(model_name):
         _check_local_folder(loader, model_name, what, flag, kwargs.get("subfolder"))
+    elif not kwargs.get("local_files_only") and _hub_unreachable():
+        kwargs["local_files_only"] = True  # the cached copy at once, not after the client's retries
     try:
         return loader(model_name, **kwargs)
     except InputError:
