@@ -324,8 +324,12 @@ def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
         batches.append(batch if hold else unpack(batch))
     for batch, item in zip(batches, items, strict=True):
         _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
-    # The main process keeps the pooled buffers of this loader's two workers only (earlier loaders' are dropped).
+    # The main process keeps the pooled buffers of this loader's two workers only (earlier loaders' are dropped),
+    # and none once its workers are gone.
     assert len({key[:2] for key in cached._received}) == 2
+    del loader
+    cached.release_exited_worker_buffers()
+    assert not cached._received
     if hold:
         assert len(buffers) == len(items)
     else:

@@ -456,7 +456,9 @@ def _take_slot(nbytes: int) -> _Slot:
     return slot
 
 
-def _forget_exited_workers() -> None:
+def release_exited_worker_buffers() -> None:
+    """Drop the main process's references to the batch buffers of loader workers that have exited (called when
+    a new worker's first buffer arrives, and by the training loop once its loader is gone)."""
     from sd3_lora_celeba.io import process_alive
 
     for key in [k for k in _received if not process_alive(k[0])]:
@@ -494,7 +496,7 @@ class PackedBatch:
             self.buffer = _received[self.key]
         else:
             if self.key[:2] not in {k[:2] for k in _received}:
-                _forget_exited_workers()  # a new worker: drop the buffers of workers that are gone
+                release_exited_worker_buffers()  # a new worker: drop the buffers of workers that are gone
             _received[self.key] = self.buffer
         self.send_buffer = True  # pickled again (another process): carry the buffer
 
