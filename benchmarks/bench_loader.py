@@ -180,7 +180,7 @@ def goals(device: str, quick: bool) -> list[dict]:
         per_sample = [1 / v for v in values]
         rows.append(
             [
-                f"{name} ({m['workers']} workers), s/sample",
+                f"{name} ({m['workers']} workers), s/sample: {statistics.median(values):.0f} samples/s",
                 statistics.median(per_sample),
                 min(per_sample),
                 None,
