@@ -22,13 +22,12 @@ plus t-SNE colours are timed.
 from __future__ import annotations
 
 import argparse
-import gc
 import resource
 import statistics
-import time
 
 import torch
-from run_all import goal_line
+from bench_fine_tune import interleaved
+from run_all import print_goals
 
 from sd3_lora_celeba.visualize.capture import capture_attention
 from sd3_lora_celeba.visualize.explorer import default_capture
@@ -39,11 +38,6 @@ KEPT = tuple(range(42)) + tuple(77 + j for j in range(50))  # a 35-word caption'
 APP_STEPS = 28  # the app's default denoising steps
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -51,19 +45,8 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def _interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each function, run in turn ``repeats`` times after one warm-up, gc between configurations."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            gc.collect()
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+    """Seconds of each function, run in turn ``repeats`` times after one warm-up (bench_fine_tune's timer)."""
+    return interleaved({name: (lambda fn=fn: fn) for name, fn in fns.items()}, device, repeats, warmup=1)
 
 
 def _transformer(quick: bool, device: torch.device, dtype: torch.dtype):
@@ -189,13 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.device == "cpu"
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, quick {quick}")
-    for goal in goals(args.device, quick):
-        print(f"\n{goal['name']}")
-        for label, median, low, peak in goal["rows"]:
-            print(
-                f"  {label:<60} median {median * 1e3:9.1f} ms  min {low * 1e3:9.1f} ms  peak {peak:8.0f} MB"
-            )
-        print(goal_line(goal))
+    print_goals(goals(args.device, quick))
     if not args.skip_ncut:
         seconds = bench_ncut(args.device)
         print(f"\njoint NCUT eigenvectors + t-SNE colours, 3 x 4429 tokens x 1536 dims: {seconds:.2f} s")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from run_all import goal_line
+from run_all import print_goals
 
 
 def write_images(folder: Path, n: int, size: int) -> list[Path]:
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_fid: no CUDA device here; use --device cpu")
         return 2
-    for goal in goals(args.device, args.quick):
-        for label, median, best, _ in goal["rows"]:
-            print(label if median is None else f"{label:45s} median {median:8.3f} s  min {best:8.3f} s")
-        print(goal_line(goal))
+    print_goals(goals(args.device, args.quick))
     return 0
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from bench_fine_tune import MID, SD3_MEDIUM  # the transformer shapes every benchmark shares
-from run_all import goal_line
+from run_all import print_goals
 
 MODEL_TAG = "bench/generate"
 SD3_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
@@ -295,13 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_generate: no CUDA device here; use --device cpu")
         return 2
-    for goal in goals(args.device, args.quick):
-        for label, median, best, peak in goal["rows"]:
-            if median is None:
-                print(label)
-            else:
-                print(f"{label:40s} median {median:8.3f}  min {best:8.3f}  peak MB {peak if peak else '-'}")
-        print(goal_line(goal))
+    print_goals(goals(args.device, args.quick))
     return 0
 
 

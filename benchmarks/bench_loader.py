@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_all import print_goals
 
 TARGET_SAMPLES_PER_S = 200.0
 MODEL = "bench/sd3-medium-shapes"
@@ -194,17 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    m = measure(args.quick)
-    print(
-        f"1024-px caches, batch 1, {m['workers']} workers, {m['num_samples']} samples per repeat, 3 repeats"
-    )
-    for name, values in m["results"].items():
-        print(f"{name:8s} median {statistics.median(values):8.1f} samples/s   best {max(values):8.1f}")
-    ours = statistics.median(m["results"]["ours"])
-    met = "met" if ours >= TARGET_SAMPLES_PER_S else "not met"
-    print(
-        f"goal loader: {ours / TARGET_SAMPLES_PER_S:.2f}x (target >=1.0x) {met}  ({ours:.0f} samples/s vs 200)"
-    )
+    print("1024-px caches, batch 1, 3 repeats")
+    print_goals(goals("cpu", args.quick))
     return 0
 
 

@@ -78,6 +78,16 @@ def goal_line(goal: dict) -> str:
     return f"goal {goal['name']}: {ratio:.2f}x (target {op}{target:g}x) {'met' if met else 'not met'}"
 
 
+def print_goals(goals: list[dict]) -> list[str]:
+    """Print each goal's table and goal line (what every benchmark's own ``main`` shows); return the lines."""
+    lines = []
+    for goal in goals:
+        print(format_table(goal["rows"]))
+        lines.append(goal_line(goal))
+        print(lines[-1])
+    return lines
+
+
 def run(device: str, quick: bool, only: set[str] | None = None) -> list[str]:
     """Run the benchmarks; print their tables; return the goal lines."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -106,9 +116,7 @@ def run(device: str, quick: bool, only: set[str] | None = None) -> list[str]:
             continue
         finally:
             gc.collect()
-        for goal in goals:
-            print(format_table(goal["rows"]))
-            lines.append(goal_line(goal))
+        lines += print_goals(goals)
         print(f"({module_name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
     return lines
 
