@@ -66,6 +66,21 @@ def world(tmp_path_factory, tiny_sd3):
 
 
 @pytest.fixture(scope="session")
+def two_process_launch() -> list[str]:
+    """``accelerate launch`` of two processes on this CPU (append the port option, then the program).
+
+    accelerate 1.15 starts a single process for ``--cpu --num_processes 2`` unless it is given an MPI hostfile;
+    ``--multi_gpu`` starts two through torchrun, and without CUDA :func:`parallel.process_state` makes them a
+    gloo (CPU) process group."""
+    import sys
+
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def run_cli() -> Callable[..., Result]:
     """``run_cli(*args, env=None, logging_style="plain", catch_exceptions=True, quiet=True)``: run
     ``sd3 --quiet --logging-style plain ARGS...`` in-process with click's CliRunner and return its result
@@ -136,7 +151,7 @@ def write_example_folder(
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_example() -> Callable[..., Path]:
     """``write_example(split_dir, example_id, seed=0, size=(64, 64), captions=("blip2", "llama3"), texts=None)``."""
     return write_example_folder

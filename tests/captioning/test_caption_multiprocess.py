@@ -1,17 +1,11 @@
-"""Two processes under ``accelerate launch`` caption every example exactly once (on CPU).
-
-accelerate 1.15 starts a single process for ``accelerate launch --cpu --num_processes 2`` unless it is given an
-MPI hostfile; ``--multi_gpu`` starts two processes through torchrun, and on a machine without CUDA
-:func:`parallel.process_state` makes them a gloo (CPU) process group.
-"""
+"""Two processes under ``accelerate launch`` caption every example exactly once (on CPU; see the root
+conftest's ``two_process_launch``)."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 from sd3_lora_celeba import layout
 from sd3_lora_celeba.models.loading import BLIP2_MODEL_ENV
@@ -19,24 +13,13 @@ from sd3_lora_celeba.models.loading import BLIP2_MODEL_ENV
 SUMMARY_RE = re.compile(r"caption-blip2: process (\d) of (\d) wrote (\d+) caption\(s\) of (\d+) assigned")
 
 
-def test_two_processes_cover_every_example_once(tiny_blip2, make_dataset, captions):
+def test_two_processes_cover_every_example_once(tiny_blip2, make_dataset, captions, two_process_launch):
     root = make_dataset({"train": 3, "val": 2})
     (root / "train" / "hq-train-001" / layout.prompt_file("blip2")).write_text(
         "done before", encoding="utf-8"
     )
-    accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, BLIP2_MODEL_ENV: str(tiny_blip2), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += [
-        "--main_process_port",
-        "0",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "sd3_lora_celeba.cli",
-    ]
+    launch = [*two_process_launch, "--main_process_port", "0", "-m", "sd3_lora_celeba.cli"]
     command = [*launch, "--logging-style", "plain", "caption-blip2", str(root), "--batch-size", "1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

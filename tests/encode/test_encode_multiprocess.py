@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -31,7 +30,7 @@ SUMMARY_RE = re.compile(
 
 
 @pytest.mark.slow
-def test_two_processes_cover_each_example_once(tiny_sd3, make_dataset, run_cli, tmp_path):
+def test_two_processes_cover_each_example_once(tiny_sd3, make_dataset, run_cli, tmp_path, two_process_launch):
     root = make_dataset({"train": 5, "val": 2})
     outputs = (layout.LATENT_DIST, layout.prompt_embeds_file(3))
     # Two examples are already done: the two processes must share the 5 pending ones and leave these alone.
@@ -43,17 +42,7 @@ def test_two_processes_cover_each_example_once(tiny_sd3, make_dataset, run_cli, 
 
     script = tmp_path / "both.py"
     script.write_text(SCRIPT)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += [
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launch = [*two_process_launch, "--main_process_port", "0"]
     env = {**os.environ, SD3_MODEL_ENV: str(tiny_sd3), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*launch, str(script), str(root)], env=env, capture_output=True, text=True, timeout=300

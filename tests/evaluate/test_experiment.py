@@ -300,11 +300,10 @@ def test_the_readme_experiment_file_is_the_original_experiment(tmp_path):
     assert len(points) == 8 + 33 + 6  # as the README says
 
 
-def test_two_processes_train_together_and_share_the_scores(world, dataset, tmp_path):
+def test_two_processes_train_together_and_share_the_scores(world, dataset, tmp_path, two_process_launch):
     """``accelerate launch`` with 2 CPU processes (DDP over gloo): both runs trained, the scores split."""
     import os
     import subprocess
-    import sys
 
     out = tmp_path / "exp"
     spec = {
@@ -317,9 +316,7 @@ def test_two_processes_train_together_and_share_the_scores(world, dataset, tmp_p
     config = _write(tmp_path / "exp.yaml", spec)
     env = {**os.environ, **world.env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "sd3_lora_celeba.cli", "--logging-style", "plain", "experiment", str(config)],
+        [*two_process_launch, "-m", "sd3_lora_celeba.cli", "--logging-style", "plain", "experiment", str(config)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

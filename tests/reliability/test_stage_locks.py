@@ -116,22 +116,14 @@ cli.main(["--logging-style", "plain", "compute-latent-dist", sys.argv[1], "--ima
 
 
 @pytest.mark.slow
-def test_refusal_under_accelerate_launch_stops_both_processes(tiny_sd3_world, holder, tmp_path):
+def test_refusal_under_accelerate_launch_stops_both_processes(
+    tiny_sd3_world, holder, tmp_path, two_process_launch
+):
     dataset = tiny_sd3_world
     lock = hold(lock_folder(dataset, "compute-latent-dist"), holder.pid, "sd3 compute-latent-dist")
     script = tmp_path / "latents.py"
     script.write_text(LAUNCH_SCRIPT)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += [
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launch = [*two_process_launch, "--main_process_port", "0"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*launch, str(script), str(dataset), str(tmp_path / "no-model")],

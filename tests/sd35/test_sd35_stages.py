@@ -56,28 +56,17 @@ def sd3(run_cli):
     return run
 
 
-def make_split(split: Path, count: int, seed: int) -> None:
-    """Example folders as prepare-* writes them (64 px image, 40 attributes, a BLIP-2 caption)."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        d = split / f"hq-{seed:02d}{i:03d}"
-        d.mkdir(parents=True)
-        pixels = rng.integers(0, 256, size=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(d / layout.IMAGE, quality=95)
-        (d / layout.prompt_file("blip2")).write_text(CAPTIONS[i % len(CAPTIONS)] + "\n", encoding="utf-8")
-        attributes = {name: bool(rng.random() < 0.3) for name in layout.ATTRIBUTES}
-        (d / layout.EXAMPLE_RECORD).write_text(json.dumps({"id": d.name, "attributes": attributes}))
-
-
 @pytest.fixture(scope="module", params=["sd3.5-medium", "sd3.5-large"])
-def sd35(request, tmp_path_factory, sd3, tiny_sd3_family) -> Sd35Run:
+def sd35(request, tmp_path_factory, sd3, tiny_sd3_family, write_example) -> Sd35Run:
     family = request.param
     root = tmp_path_factory.mktemp(family)
     model = tiny_sd3_family(family)
     env = {SD3_MODEL_ENV: str(model)}
     dataset = root / "dataset"
-    make_split(dataset / "train", 4, seed=0)
-    make_split(dataset / "test", 2, seed=1)
+    for split, count, first in (("train", 4, 0), ("test", 2, 100)):
+        for i in range(count):
+            texts = {"blip2": CAPTIONS[i % len(CAPTIONS)] + "\n"}
+            write_example(dataset / split, f"hq-{first + i:05d}", seed=first + i, texts=texts)
     empty = dataset / layout.EMPTY_PROMPT_DIR
     empty.mkdir()
     (empty / layout.prompt_file("empty")).write_text("", encoding="utf-8")

@@ -111,7 +111,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accelerate_two_cpu_processes_match_one_process(golden_run, tiny_world, tiny_sd3, tmp_path):
+def test_accelerate_two_cpu_processes_match_one_process(
+    golden_run, tiny_world, tiny_sd3, tmp_path, two_process_launch
+):
     """2 processes x batch 1 see the same global batches as 1 process x batch 2: same losses (DDP over gloo).
 
     ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple launcher); real CPU DDP
@@ -121,9 +123,7 @@ def test_accelerate_two_cpu_processes_match_one_process(golden_run, tiny_world, 
     command = golden_command(tiny_world, run_dir)
     command[command.index("--batch-size") + 1] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(_free_port()),
+        [*two_process_launch, "--main_process_port", str(_free_port()),
          "-m", "sd3_lora_celeba.cli", "--quiet", *command],
         env={**subprocess_env(tiny_sd3), "ACCELERATE_USE_CPU": "1"},
         capture_output=True,
