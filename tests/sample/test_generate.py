@@ -271,6 +271,8 @@ def test_fused_lora_and_fused_qkv_give_the_stock_pipelines_images(world, tmp_pat
     monkeypatch.setattr(G, "qkv_fusion_applies", lambda transformer: True)
     pipe = G.load_generation_pipeline(str(world.model), lora_weight_dir=world.lora, fuse_qkv=True)
     assert getattr(pipe, "_sd3_fused_qkv", False) and getattr(pipe, "_sd3_lora_fused", False)
+    # the images above and below come from oneDNN's linears (float32 on a CPU), compared with stock diffusers
+    assert any(type(m).__name__ == "OneDnnLinear" for m in pipe.transformer.modules())
     empty = G.find_empty_prompt_dir(world.split)
     examples = G.select_examples(world.split, empty, 2)
     kwargs = dict(

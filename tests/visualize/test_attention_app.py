@@ -64,6 +64,7 @@ def test_generation_same_seed_base_matches_plain_pipeline(explorer, session, tin
     ).images[0]
     base, lora = (np.asarray(g.prompts[1].images[i], dtype=np.int16) for i in (0, 1))
     np.testing.assert_array_equal(base, np.asarray(plain, dtype=np.int16))  # capture changes nothing
+    assert any(type(m).__name__ == "OneDnnLinear" for m in explorer.pipe.transformer.modules())  # nor oneDNN
     assert np.abs(base - lora).max() > 0
     assert g.blocks == tuple(range(24)) and g.steps == (0, 1)
 

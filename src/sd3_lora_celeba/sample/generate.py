@@ -11,8 +11,9 @@ the number of ``accelerate launch`` processes or which other examples are genera
 
 Speed, same images: the LoRA is fused into the weights for inference (and unfused before a reused pipeline
 takes the next LoRA, see :func:`swap_lora`); on CUDA the q/k/v projections are fused as well (on a CPU that
-measured no faster and costs a second copy of those weights); ``--compile`` compiles the transformer blocks;
-PNG encoding runs on a small thread pool (:class:`PngWriter`) while the next batch denoises.
+measured no faster and costs a second copy of those weights); on a CPU the float32 linears run on oneDNN
+(:mod:`~sd3_lora_celeba.models.cpu_linear`); ``--compile`` compiles the transformer blocks; PNG encoding runs on a
+small thread pool (:class:`PngWriter`) while the next batch denoises.
 
 Folders are all-or-nothing per setting: ``OUT/generation.json`` records the settings and an image counts as done
 only in a folder made with the same settings. Other settings into an existing folder are refused;
@@ -370,6 +371,7 @@ def load_generation_pipeline(
 
     ``fuse_qkv``: fused q/k/v projections on CUDA; a caller that changes the LoRA later must then do it with
     :func:`swap_lora` (a LoRA loaded directly would not reach the fused copies)."""
+    from sd3_lora_celeba.models.cpu_linear import use_onednn_linears
     from sd3_lora_celeba.models.loading import load_pipeline_without_text_encoders
 
     if lora_weight_dir is not None:
@@ -381,6 +383,9 @@ def load_generation_pipeline(
     swap_lora(pipe, lora_weight_dir)
     if compile:
         compile_transformer(pipe.transformer)
+    else:
+        use_onednn_linears(pipe.transformer)  # float32 on a CPU: oneDNN's products, faster than the BLAS
+        use_onednn_linears(pipe.vae)
     return pipe
 
 

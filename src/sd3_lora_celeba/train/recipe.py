@@ -401,6 +401,17 @@ def use_gradient_checkpointing(config: FineTuneConfig) -> bool:
     return model_defaults(config.model_name, config.model_revision).gradient_checkpointing
 
 
+def choose_kernels(transformer, config: FineTuneConfig) -> None:
+    """``--compile``: regional ``torch.compile``. Otherwise the float32 linears of a CPU run go through oneDNN
+    (:mod:`~sd3_lora_celeba.models.cpu_linear`; same products, faster than the BLAS on the CPUs measured)."""
+    from sd3_lora_celeba.models.cpu_linear import use_onednn_linears
+
+    if config.compile:
+        compile_blocks(transformer)
+    elif not config.quantize_base:
+        use_onednn_linears(transformer)
+
+
 def compile_blocks(transformer, backend: str = "inductor") -> None:
     """Regional compilation: each transformer block on its own (identical blocks share compiled code, so
     compiling takes a few blocks' time, not the whole model's)."""
@@ -674,8 +685,7 @@ def setup(config: FineTuneConfig, accelerator, storage_dtype: torch.dtype, resum
     if state is not None:
         ckpt.check_stream(resume_from, state, stream, resolved)
     transformer = build_transformer(config, storage_dtype).to(accelerator.device)
-    if config.compile:
-        compile_blocks(transformer)
+    choose_kernels(transformer, config)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, params, accelerator.device)
     lr_scheduler = build_lr_scheduler(config, optimizer)

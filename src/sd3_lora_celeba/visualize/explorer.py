@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from sd3_lora_celeba.errors import InputError
+from sd3_lora_celeba.models.cpu_linear import use_onednn_linears
 from sd3_lora_celeba.models.loading import CLIP_MAX_LENGTH
 from sd3_lora_celeba.visualize.capture import CapturedAttention, capture_attention, dual_blocks
 
@@ -233,6 +234,11 @@ class AttentionExplorer:
     ) -> None:
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if (
+                getattr(pipe, name, None) is not None
+            ):  # float32 on a CPU: oneDNN's products (models/cpu_linear.py)
+                use_onednn_linears(getattr(pipe, name))
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length
         self.resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor

@@ -1,0 +1,101 @@
+"""Faster float32 linear layers on the CPU: the same products, computed by oneDNN instead of the BLAS.
+
+PyTorch sends a float32 ``nn.Linear`` on the CPU to its BLAS (MKL in the pip wheels). The oneDNN matmul that
+PyTorch also ships (the library behind its CPU convolutions) ran the MM-DiT's shapes faster on the AMD EPYC
+development machine: 175-215 against 130-190 GFLOP/s for the projections at width 384, and a whole transformer
+forward (24 blocks, 1357 tokens, CFG batch 2) in 2.5 s instead of 3.1 s. The results agree to float32 rounding
+(the order of the additions differs, as between two BLAS builds).
+
+:func:`use_onednn_linears` gives every plain ``nn.Linear`` of a model the class :class:`OneDnnLinear`: a subclass
+with the same parameters and state dict, so peft wraps and saves it like any linear, and LoRA fusing writes into
+the same weight. Its forward takes the oneDNN path only for float32 CPU tensors outside autocast and outside
+``torch.compile`` (which plans its own kernels); anything else is the stock ``F.linear``. Training keeps working:
+the backward gives the input's gradient through oneDNN as well and the weight's gradient (LoRA layers) from one
+matmul, and skips what is not needed (a frozen weight gets none).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this PyTorch build has the oneDNN linear kernel (x86 and arm64 pip wheels do)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN; ``weight`` may be a transposed view (no copy is made)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def takes_onednn_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() >= 2
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _OneDnnLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad_out.contiguous(), weight.t(), None)
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class OneDnnLinear(torch.nn.Linear):
+    """``nn.Linear`` whose float32 CPU products run on oneDNN (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not takes_onednn_path(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        x = x.contiguous()
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in (self.weight, self.bias))
+        )
+        if needs_grad:
+            return _OneDnnLinearFunction.apply(x, self.weight, self.bias)
+        return _onednn(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: torch.nn.Module) -> int:
+    """Give every plain ``nn.Linear`` of ``model`` held on the CPU the :class:`OneDnnLinear` class, in place;
+    returns how many. Nothing changes where oneDNN is missing, on other devices, or for quantized weights
+    (tensor subclasses keep their own matmul)."""
+    if not onednn_available():
+        return 0
+    count = 0
+    for module in model.modules():
+        plain_weight = (
+            type(module.weight) in (torch.Tensor, torch.nn.Parameter) if hasattr(module, "weight") else False
+        )
+        if type(module) is torch.nn.Linear and plain_weight and module.weight.device.type == "cpu":
+            module.__class__ = OneDnnLinear
+            count += 1
+    return count

@@ -1,0 +1,141 @@
+"""oneDNN linears on the CPU: the same products and gradients as nn.Linear, taken only where they apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd3_lora_celeba.models import cpu_linear
+from sd3_lora_celeba.models.cpu_linear import OneDnnLinear, use_onednn_linears
+
+pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple]:
+    """The shapes of every oneDNN product, in order."""
+    seen: list[tuple] = []
+    real = cpu_linear._onednn
+
+    def counting(x, weight, bias):
+        seen.append((tuple(x.shape), tuple(weight.shape)))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(cpu_linear, "_onednn", counting)
+    return seen
+
+
+def _pair(in_features: int = 96, out_features: int = 160, bias: bool = True):
+    torch.manual_seed(0)
+    stock = torch.nn.Linear(in_features, out_features, bias=bias)
+    fast = torch.nn.Linear(in_features, out_features, bias=bias)
+    fast.load_state_dict(stock.state_dict())
+    assert use_onednn_linears(fast) == 1 and type(fast) is OneDnnLinear
+    return stock, fast
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_every_gradient_match_nn_linear(calls, bias):
+    stock, fast = _pair(bias=bias)
+    x = torch.randn(5, 3, 96).transpose(0, 1)  # 3-D and not contiguous, as attention reshapes hand them over
+    x_stock, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_stock, y_fast = stock(x_stock), fast(x_fast)
+    torch.testing.assert_close(y_fast, y_stock, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y_stock)
+    y_stock.backward(grad)
+    y_fast.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, stock.weight.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(fast.bias.grad, stock.bias.grad, rtol=1e-5, atol=1e-5)
+    # forward, then the input's gradient through the transposed weight (a view, not a copy)
+    assert calls == [((3, 5, 96), (160, 96)), ((3, 5, 160), (96, 160))]
+
+
+def test_a_frozen_layer_gives_the_input_its_gradient_and_the_weight_none(calls):
+    stock, fast = _pair()
+    for layer in (stock, fast):
+        layer.requires_grad_(False)
+    x = torch.randn(4, 96)
+    x_stock, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    stock(x_stock).sum().backward()
+    fast(x_fast).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
+    assert fast.weight.grad is None and fast.bias.grad is None
+    with torch.no_grad():  # inference: one product, no autograd record
+        assert not fast(x).requires_grad
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("case", ["float64", "autocast", "compiling", "1-d"])
+def test_other_inputs_take_the_stock_linear(calls, monkeypatch, case):
+    stock, fast = _pair()
+    x = torch.randn(4, 96)
+    if case == "float64":
+        stock.double(), fast.double()
+        x = x.double()
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    if case == "1-d":
+        x = x[0]
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = fast(x), stock(x)
+        assert got.dtype == torch.bfloat16
+    else:
+        got, expected = fast(x), stock(x)
+    assert torch.equal(got, expected)
+    assert calls == []
+
+
+def test_use_onednn_linears_swaps_plain_cpu_linears_only(monkeypatch):
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), MyLinear(8, 8), torch.nn.Conv1d(8, 8, 1), torch.nn.Linear(8, 4)
+    )
+    keys = list(model.state_dict())
+    assert use_onednn_linears(model) == 2
+    assert [type(m).__name__ for m in model] == ["OneDnnLinear", "MyLinear", "Conv1d", "OneDnnLinear"]
+    assert list(model.state_dict()) == keys and isinstance(model[0], torch.nn.Linear)
+    assert use_onednn_linears(model) == 0  # already done: nothing to swap
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    assert use_onednn_linears(torch.nn.Linear(2, 2)) == 0
+
+
+def test_a_peft_lora_model_trains_the_same(calls):
+    """The fine-tune case: frozen base linears and trainable LoRA linears, swapped after peft wrapped them."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+        model.requires_grad_(False)
+        config = LoraConfig(r=8, lora_alpha=8, target_modules=["0", "2"], init_lora_weights="gaussian")
+        return inject_adapter_in_model(config, model)
+
+    stock, fast = build(), build()
+    assert use_onednn_linears(fast) == 6  # two bases, two lora_A, two lora_B
+    x = torch.randn(2, 10, 64)
+    for model in (stock, fast):
+        model(x).square().mean().backward()
+    stock_grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
+    fast_grads = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+    assert sorted(stock_grads) == sorted(fast_grads) and len(stock_grads) == 4
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert calls  # the products went through oneDNN
+
+
+def test_fine_tune_chooses_onednn_unless_compiling():
+    from sd3_lora_celeba.train import recipe
+
+    def choose(**options):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        model.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])  # what compile_blocks walks
+        recipe.choose_kernels(model, recipe.FineTuneConfig(train_dir=".", empty_prompt_dir=".", **options))
+        return type(model[0]).__name__
+
+    assert choose() == "OneDnnLinear"
+    assert choose(compile=True) == "Linear"
