@@ -11,23 +11,25 @@ on CUDA the frozen weights in bf16 with bf16 autocast (what the diffusers script
 
 * ``ours``: :func:`sd3_lora_celeba.train.recipe.train_step`, the step ``sd3 fine-tune`` runs (noise and noise
   levels come with the batch, as the loader workers draw them; one host sync per step), with the recipe's
-  accelerator, optimizer and schedule; ``ours --compile`` adds the recipe's regional ``torch.compile``.
+  accelerator, optimizer, schedule and kernels (:func:`~sd3_lora_celeba.train.recipe.choose_kernels`: on a CPU
+  the float32 linears through oneDNN); ``ours --compile`` takes the recipe's regional ``torch.compile`` instead.
 * ``plain``: the diffusers SD3 LoRA script's step written plainly: noise and density drawn in the loop,
   ``compute_density_for_timestep_sampling`` + scheduler lookup, ``accelerator.autocast`` via accelerate's mixed
   precision, ``accelerator.backward``, ``accelerator.clip_grad_norm_``, AdamW, ``lr_scheduler.step``.
 
-Configurations run interleaved (>= 3 repeats after a warm-up, ``gc.collect()`` between them); rows give median
+Configurations run interleaved (5 repeats after a warm-up, ``gc.collect()`` between them); rows give median
 and min seconds per step and peak memory (CUDA: peak allocated; CPU: not measured per configuration). Goal
 ``train-step``: plain / ours (median) >= 1.15 on CPU (``--quick`` compares the default step: on this CPU
 ``--compile`` compiled the mid-size model in ~20 s and gave no gain, 6.9-7.1 s against 6.7-7.2 s per step),
->= 1.3 on CUDA (the faster of ours' two rows, named in the last row). Measured on the 2-core development machine
-with nothing else running: median 6.86 s ours vs 7.50 s plain (1.09x) on 2026-12-01, 6.74 s vs 6.48 s (0.96x;
-minima 6.07 s and 6.03 s) on 2026-12-02; under heavy load (load average 7 to over 100) the medians were noise
-(0.72x-0.93x). On a CPU in float32 both run the same kernels (profiled: fused attention ~45% of a step, matmuls
-~45%), and the overheads ours removes (per-sample noise on the main process, per-micro-batch host syncs) are
-milliseconds against seconds, so 1.15x is not reachable there honestly. The gains are for the GPU (bf16
-defaults, TF32, fused AdamW, no per-micro-batch sync, loader work off the main process, --compile). With CUDA it also reports MFU (model FLOPs from ``torch.utils.flop_counter`` over
-the GPU's dense bf16 peak: 989 TFLOP/s for H100/H200) and ours at batch 1 with gradient checkpointing.
+>= 1.3 on CUDA (the faster of ours' two rows, named in the last row). On a CPU the table ends with the
+same-maths ceiling (``ceiling.py``): ours' FLOPs at the best float32 matmul rate measured here. Measured on the
+2-core development machine (``OMP_NUM_THREADS=1``): 0.96x on 2026-12-02 before the oneDNN linears, 1.07x
+after; the ceiling row says plain already runs at ~55% of the matmul rate. The rest of a step is PyTorch's
+fused CPU attention (~45% of a step, at ~70% of the matmul rate, the fastest attention kernel measured here)
+and element-wise work, which ours runs like plain. The other gains are for the GPU (bf16 defaults, TF32, fused
+AdamW, no per-micro-batch sync, loader work off the main process, --compile). With CUDA it also reports MFU
+(model FLOPs from ``torch.utils.flop_counter`` over the GPU's dense bf16 peak: 989 TFLOP/s for H100/H200) and
+ours at batch 1 with gradient checkpointing.
 
 Wheels to carry to a GPU machine without internet: diffusers, safetensors, the project (torch, transformers,
 peft and accelerate are on the device image).
@@ -42,6 +44,7 @@ import sys
 import time
 
 import torch
+from ceiling import ceiling_row, count_flops, matmul_rate
 
 H100_BF16_DENSE_FLOPS = 989e12
 SD3_MEDIUM = dict(
@@ -110,8 +113,7 @@ def ours_step_fn(model, inputs: dict, mixed: str, compile_model: bool):
         train_dir=".", empty_prompt_dir=".", logit_mean=-0.5, lr_warmup_steps=0, compile=compile_model
     )
     accelerator = _accelerator(mixed)
-    if compile_model:
-        recipe.compile_blocks(model)
+    recipe.choose_kernels(model, config)  # --compile's regional compile, or oneDNN linears on a CPU
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = recipe.build_optimizer(config, params, accelerator.device)
     lr_scheduler = recipe.build_lr_scheduler(config, optimizer)
@@ -239,17 +241,15 @@ def measure(
         configs["ours --compile"] = lambda: ours_step_fn(
             build_model(arch, rank, device, dtype), inputs, mixed, True
         )
-    times = interleaved(configs, device, repeats=3 if quick else 5, warmup=1 if quick else 3)
+    times = interleaved(configs, device, repeats=5, warmup=1 if quick else 3)
     peaks = {name: peak_mb_of(make, device) for name, make in configs.items()} if cuda else {}
-    extra = {}
-    if cuda:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        step = ours_step_fn(build_model(arch, rank, device, dtype), inputs, mixed, False)
-        with FlopCounterMode(display=False) as counter:
-            step()
-        extra["flops"] = float(counter.get_total_flops())
-        del step
+    step = ours_step_fn(build_model(arch, rank, device, dtype), inputs, mixed, False)
+    extra = {"flops": count_flops(step)}
+    del step
+    gc.collect()
+    if not cuda:
+        extra["matmul_rate"] = matmul_rate(device)
+    else:
         extra["ckpt_b1_peak_mb"] = peak_mb_of(
             lambda: ours_step_fn(
                 build_model(arch, rank, device, dtype, True), make_inputs(arch, 1, device), mixed, False
@@ -269,6 +269,8 @@ def goals(device: str, quick: bool) -> list[dict]:
         (n for n in m["times"] if n.startswith("ours")), key=lambda n: statistics.median(m["times"][n])
     )
     rows.append([f"goal compares plain with: {best}", statistics.median(m["times"][best]), None, None])
+    if "matmul_rate" in m:
+        rows.append(ceiling_row(plain, m["flops"], m["matmul_rate"]))
     target = 1.3 if device.startswith("cuda") else 1.15
     return [
         {
@@ -304,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in m["times"].items():
         if name != "plain":
             print(f"plain / {name}: {plain / statistics.median(t):.3f}x")
-    if "flops" in m:
+    if "matmul_rate" in m:
+        print(ceiling_row(plain, m["flops"], m["matmul_rate"])[0])
+    else:
         ours = statistics.median(m["times"]["ours"])
         print(f"ours MFU {100 * m['flops'] / ours / H100_BF16_DENSE_FLOPS:.1f}% ({m['flops'] / 1e12:.2f} TFLOP/step); "
               f"batch 1 + gradient checkpointing peak {m['ckpt_b1_peak_mb']:.0f} MiB")  # fmt: skip

@@ -13,15 +13,15 @@ runs:
   text encoders, ``load_lora_weights`` (unfused), one pipeline call per batch with the cached tensors,
   ``image.save(...png)`` in the loop.
 * ``ours``: the command's code path, ``load_generation_pipeline`` + ``generate_into`` (LoRA fused, on CUDA
-  fused q/k/v, PNGs written on a thread pool).
+  fused q/k/v, on a CPU float32 linears through oneDNN, PNGs written on a thread pool).
 * ``ours --compile`` (CUDA only, not part of the CPU goal; its compile time is reported separately).
 
 Model: ``--quick`` is the mid-size config (24 blocks, width 384, 64 x 64 latents = 512 px, SD3-medium cache
 shapes, the tiny 16-channel VAE); ``--device cuda`` is SD3-medium's transformer (24 blocks, width 1536) with
-random weights at 1024 px and SD3's VAE shape. Repeats are interleaved (at least 3), ``gc.collect()`` between
+random weights at 1024 px and SD3's VAE shape. Repeats are interleaved (5 on a CPU, 3 on CUDA), ``gc.collect()`` between
 configurations; a one-step warm-up run of each side is not timed. Goal ``generate``: plain / ours >= 1.3, in CPU
 time of this process on a CPU (its PNG threads included; wall time on a shared machine measures the neighbours),
-in wall time on CUDA.
+in wall time on CUDA. On a CPU the table ends with the same-maths ceiling (``ceiling.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from bench_fine_tune import MID, SD3_MEDIUM  # the transformer shapes every benchmark shares
+from ceiling import ceiling_row, count_flops, matmul_rate
 from run_all import print_goals
 
 MODEL_TAG = "bench/generate"
@@ -203,9 +204,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(device: torch.device, quick: bool, repeats: int = 3) -> dict:
+def measure(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
     """Interleaved timings (s per image; the pipelines are loaded once, before timing) and peak memory."""
     cuda = device.type == "cuda"
+    repeats = repeats or (3 if cuda else 5)  # CUDA: 3 of 8 full-size images per side fit the 8-minute budget
     arch, vae = (SD3_MEDIUM, SD3_VAE) if cuda else (MID, TINY_VAE)
     opts = {
         "device": device,
@@ -243,7 +245,13 @@ def measure(device: torch.device, quick: bool, repeats: int = 3) -> dict:
                 if cuda:
                     peaks[name] = torch.cuda.max_memory_allocated() / 2**20
         same = _compare(root / "out" / "plain", root / "out" / "ours")
+        extra = {}
+        if not cuda:  # the FLOPs of ours' images and the CPU-time matmul rate: the same-maths ceiling
+            out = root / "out" / "flops"
+            extra["flops"] = count_flops(lambda: runs["ours"](out, opts["steps"])) / num_images
+            extra["matmul_rate"] = matmul_rate(device, cpu_time=True)
     return {
+        **extra,
         "times": times,
         "cpu": cpu,
         "peaks": peaks,
@@ -280,6 +288,8 @@ def goals(device: str, quick: bool) -> list[dict]:
     rows.append(
         [f"max pixel difference plain vs ours: {m['max_pixel_diff']} grey level(s)", None, None, None]
     )
+    if "matmul_rate" in m:
+        rows.append(ceiling_row(statistics.median(m["cpu"]["plain"]), m["flops"], m["matmul_rate"], "image"))
     # CPU: CPU time of this process (PNG threads included): on a shared machine, wall time mostly measures the
     # neighbours. CUDA: wall time.
     key = "times" if device.startswith("cuda") else "cpu"
