@@ -67,6 +67,13 @@ def test_a_frozen_layer_gives_the_input_its_gradient_and_the_weight_none(calls):
     assert len(calls) == 3
 
 
+def test_any_rank_of_input(calls):
+    stock, fast = _pair()
+    x = torch.randn(2, 3, 4, 96)
+    torch.testing.assert_close(fast(x), stock(x), rtol=1e-5, atol=1e-5)
+    assert calls == [((2, 3, 4, 96), (160, 96))]
+
+
 @pytest.mark.parametrize("case", ["float64", "autocast", "compiling", "1-d"])
 def test_other_inputs_take_the_stock_linear(calls, monkeypatch, case):
     stock, fast = _pair()

@@ -33,16 +33,24 @@ def onednn_available() -> bool:
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN; ``weight`` may be a transposed view (no copy is made)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """``x @ weight.T + bias`` by oneDNN for a contiguous ``x`` of any rank; ``weight`` may be a transposed view
+    (no copy is made)."""
+    rows = torch.ops.mkldnn._linear_pointwise(x.view(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return rows.view(*x.shape[:-1], rows.shape[-1])
 
 
-def takes_onednn_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _plain_float32(t: torch.Tensor | None) -> bool:
+    return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32)
+
+
+def takes_onednn_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """float32 CPU tensors (no tensor subclass), outside autocast and ``torch.compile``."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and x.dim() >= 2
+        and _plain_float32(x)
+        and _plain_float32(weight)
+        and _plain_float32(bias)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
@@ -74,7 +82,7 @@ class OneDnnLinear(torch.nn.Linear):
     """``nn.Linear`` whose float32 CPU products run on oneDNN (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not takes_onednn_path(x, self.weight):
+        if not takes_onednn_path(x, self.weight, self.bias):
             return F.linear(x, self.weight, self.bias)
         x = x.contiguous()
         needs_grad = torch.is_grad_enabled() and (
@@ -87,16 +95,13 @@ class OneDnnLinear(torch.nn.Linear):
 
 def use_onednn_linears(model: torch.nn.Module) -> int:
     """Give every plain ``nn.Linear`` of ``model`` held on the CPU the :class:`OneDnnLinear` class, in place;
-    returns how many. Nothing changes where oneDNN is missing, on other devices, or for quantized weights
-    (tensor subclasses keep their own matmul)."""
+    returns how many. Nothing changes where oneDNN is missing or on other devices; quantized weights (tensor
+    subclasses) and other dtypes keep the stock linear at each call."""
     if not onednn_available():
         return 0
     count = 0
     for module in model.modules():
-        plain_weight = (
-            type(module.weight) in (torch.Tensor, torch.nn.Parameter) if hasattr(module, "weight") else False
-        )
-        if type(module) is torch.nn.Linear and plain_weight and module.weight.device.type == "cpu":
+        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu":
             module.__class__ = OneDnnLinear
             count += 1
     return count
