@@ -234,10 +234,9 @@ class AttentionExplorer:
     ) -> None:
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        # float32 on a CPU: the linears run on oneDNN (models/cpu_linear.py), text encoders included
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            if (
-                getattr(pipe, name, None) is not None
-            ):  # float32 on a CPU: oneDNN's products (models/cpu_linear.py)
+            if getattr(pipe, name, None) is not None:
                 use_onednn_linears(getattr(pipe, name))
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length
