@@ -146,3 +146,41 @@ def test_fine_tune_chooses_onednn_unless_compiling():
 
     assert choose() == "OneDnnLinear"
     assert choose(compile=True) == "Linear"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_sd3_lora_step_gives_the_same_gradients(calls, checkpointing):
+    """The recipe's model (peft LoRA on the joint-attention linears), with gradient checkpointing's recompute."""
+    from diffusers import SD3Transformer2DModel
+
+    from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
+
+    def build():
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
+            pos_embed_max_size=8,
+        )  # fmt: skip
+        add_lora(model, lora_config(lora_target_modules(model, (0, 1)), 4, init="gaussian"))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        return model.train()
+
+    stock, fast = build(), build()
+    assert use_onednn_linears(fast) > 0
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
+        pooled_projections=torch.randn(2, 24, generator=g),
+        timestep=torch.tensor([100.0, 700.0]),
+    )
+    for model in (stock, fast):
+        model(**inputs, return_dict=False)[0].square().mean().backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (stock, fast)]
+    # lora_A and lora_B of 8 + 7 linears (the last block has no text-stream output projection)
+    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) == 2 * (8 + 7)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+    assert calls
