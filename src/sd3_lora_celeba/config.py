@@ -102,7 +102,8 @@ def _bounds(field: dataclasses.Field, base: Any) -> tuple[Any, Any]:
 def check_bounds(config: Any) -> None:
     """Raise a one-line :class:`InputError` when a numeric field is NaN, infinite or out of its bounds.
 
-    Configs call it first in ``__post_init__``; the CLI and :func:`config_from_dict` call it too."""
+    Every command's config calls it first in ``__post_init__`` (so the CLI, config files and Python callers all
+    get it); :func:`config_from_dict` calls it too, for the dataclasses that are no command."""
     hints = _resolved_hints(type(config))
     for f in dataclasses.fields(config):
         base, _ = _unwrap_optional(hints[f.name])
@@ -414,10 +415,9 @@ def build_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) -
         if missing:
             raise click.UsageError(f"missing argument(s): {', '.join(m.upper() for m in missing)}")
         try:
-            config = cls(**values)
+            config = cls(**values)  # its __post_init__ checks the bounds first
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        check_bounds(config)
         return run(config)
 
     return GroupedCommand(

@@ -234,7 +234,8 @@ def hub_reachable(endpoint: str) -> bool:
     """Whether a TCP connection to the hub ``endpoint`` opens within a few seconds (asked once per process).
 
     Without a network the hub client retries every request with back-off (about 25 s each) before it falls back
-    to the local cache; one probe here replaces that. Behind a proxy the direct probe says nothing: reachable."""
+    to the local cache; one probe here replaces that, and warns once. Behind a proxy the direct probe says
+    nothing: reachable."""
     if any(os.environ.get(v) for v in _PROXY_VARIABLES):
         return True
     url = urllib.parse.urlsplit(endpoint)
@@ -243,26 +244,21 @@ def hub_reachable(endpoint: str) -> bool:
         with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_TIMEOUT_S):
             return True
     except OSError:
-        return False
-
-
-def _hub_unreachable() -> bool:
-    """True when the hub is to be used (HF_HUB_OFFLINE unset) but cannot be reached; warns once."""
-    if _offline():
-        return False
-    from huggingface_hub import constants
-
-    endpoint = constants.ENDPOINT
-    seen = hub_reachable.cache_info().currsize
-    if hub_reachable(endpoint):
-        return False
-    if hub_reachable.cache_info().currsize > seen:
         log.warning(
             "%s cannot be reached: models load from the local hub cache only (set HF_HUB_OFFLINE=1 to skip "
             "this check)",
             endpoint,
         )
-    return True
+        return False
+
+
+def _hub_unreachable() -> bool:
+    """True when the hub is to be used (HF_HUB_OFFLINE unset) but cannot be reached."""
+    if _offline():
+        return False
+    from huggingface_hub import constants
+
+    return not hub_reachable(constants.ENDPOINT)
 
 
 def _first_line(exc: BaseException) -> str:
