@@ -65,7 +65,7 @@ def matmul_rate(
 ) -> float:
     """The best fp32 matmul rate measured here, FLOP/s, of the BLAS and (on a CPU) of oneDNN: of wall time, or of
     this process's CPU time (all threads) with ``cpu_time``."""
-    from sd3_lora_celeba.models.cpu_linear import onednn_available
+    from sd3_lora_celeba.models.cpu_linear import onednn_available, onednn_linear
 
     clock = time.process_time if cpu_time else time.perf_counter
     best = 0.0
@@ -73,7 +73,7 @@ def matmul_rate(
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         products = [torch.mm]
         if device.type == "cpu" and onednn_available():
-            products.append(lambda x, y: torch.ops.mkldnn._linear_pointwise(x, y, None, "none", [], ""))
+            products.append(lambda x, y: onednn_linear(x, y, None))
         for product in products:
             product(a, b)  # warm-up
             for _ in range(repeats):

@@ -15,13 +15,13 @@ pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this 
 def calls(monkeypatch) -> list[tuple]:
     """The shapes of every oneDNN product, in order."""
     seen: list[tuple] = []
-    real = cpu_linear._onednn
+    real = cpu_linear.onednn_linear
 
     def counting(x, weight, bias):
         seen.append((tuple(x.shape), tuple(weight.shape)))
         return real(x, weight, bias)
 
-    monkeypatch.setattr(cpu_linear, "_onednn", counting)
+    monkeypatch.setattr(cpu_linear, "onednn_linear", counting)
     return seen
 
 

@@ -32,7 +32,7 @@ def onednn_available() -> bool:
         return False
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` by oneDNN for a contiguous ``x`` of any rank; ``weight`` may be a transposed view
     (no copy is made)."""
     rows = torch.ops.mkldnn._linear_pointwise(x.view(-1, x.shape[-1]), weight, bias, "none", [], "")
@@ -61,7 +61,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        return _onednn(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -69,7 +69,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad_out.contiguous(), weight.t(), None)
+            grad_x = onednn_linear(grad_out.contiguous(), weight.t(), None)
         rows = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
@@ -84,13 +84,8 @@ class OneDnnLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not takes_onednn_path(x, self.weight, self.bias):
             return F.linear(x, self.weight, self.bias)
-        x = x.contiguous()
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in (self.weight, self.bias))
-        )
-        if needs_grad:
-            return _OneDnnLinearFunction.apply(x, self.weight, self.bias)
-        return _onednn(x, self.weight, self.bias)
+        # without gradients (inference) the function records nothing and keeps nothing
+        return _OneDnnLinearFunction.apply(x.contiguous(), self.weight, self.bias)
 
 
 def use_onednn_linears(model: torch.nn.Module) -> int:
