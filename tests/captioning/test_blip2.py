@@ -167,6 +167,8 @@ def test_model_name_defaults_to_the_environment(
         (["{root}/missing"], "dataset folder not found"),
         (["{empty}"], "no example folder with example.json and image.jpg"),
         (["{root}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["{root}", "--num-beams", "65"], "--num-beams 65: must be between 1 and 64"),
+        (["{root}", "--max-new-tokens", "5000"], "--max-new-tokens 5000: must be between 1 and 4096"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_env, tmp_path, make_dataset, args, message, run_captioner):

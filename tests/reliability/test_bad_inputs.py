@@ -52,3 +52,30 @@ def test_empty_blip2_caption_is_refused_by_caption_llama3(tmp_path):
     assert result.exit_code == 2, result.output
     assert str(example / layout.prompt_file("blip2")) in result.output and "empty" in result.output
     assert not (example / layout.prompt_file("llama3")).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["copy-images", "{dir}", "{out}", "--num-images", "0"], "--num-images 0: must be at least 1"),
+        (["compute-prompt-embeds", "3", "{dir}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (
+            ["caption-llama3", "{dir}", "--temperature", "101"],
+            "--temperature 101.0: must be between 0 and 100",
+        ),
+        (
+            ["caption-llama3", "{dir}", "--max-caption-words", "0"],
+            "--max-caption-words 0: must be at least 1",
+        ),
+        (["caption-blip2", "{dir}", "--max-caption-words", "0"], "--max-caption-words 0: must be at least 1"),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, list) else "",
+)
+def test_count_out_of_bounds_is_one_line_naming_the_flag(tmp_path, args, message):
+    folder, out = tmp_path / "dataset", tmp_path / "out"
+    folder.mkdir()
+    result = CliRunner().invoke(cli, [a.format(dir=folder, out=out) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists() and list(folder.iterdir()) == []

@@ -38,12 +38,13 @@ class CaptionBlip2Config:
         DEFAULT_BLIP2_MODEL, BLIP2_MODEL_ENV, "BLIP-2 hub id or local transformers folder."
     )
     model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
-    batch_size: int = option(16, "Images per generate call (per process).")
-    max_new_tokens: int = option(30, "Most tokens generated per caption.")
-    num_beams: int = option(1, "Beam search width (1 = greedy).")
+    batch_size: int = option(16, "Images per generate call (per process).", min=1)
+    max_new_tokens: int = option(30, "Most tokens generated per caption.", min=1, max=4096)
+    num_beams: int = option(1, "Beam search width (1 = greedy).", min=1, max=64)
     max_caption_words: int = option(
         30,
         "Warn about captions longer than this many words (or repeating themselves); they are still written.",
+        min=1,
     )
     precision: Precision = option(
         "auto", "Model dtype. auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU."
@@ -52,18 +53,6 @@ class CaptionBlip2Config:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        for flag, value in (
-            ("--batch-size", self.batch_size),
-            ("--max-new-tokens", self.max_new_tokens),
-            ("--num-beams", self.num_beams),
-            ("--max-caption-words", self.max_caption_words),
-        ):
-            if value < 1:
-                raise ValueError(f"{flag} {value}: must be at least 1")
-        if self.max_new_tokens > 4096 or self.num_beams > 64:
-            raise ValueError(
-                f"--max-new-tokens {self.max_new_tokens} / --num-beams {self.num_beams}: at most 4096 / 64"
-            )
         if not self.model_name:
             raise ValueError(f"--model-name is empty: give a hub id or a folder (or set {BLIP2_MODEL_ENV})")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -49,14 +48,16 @@ class CaptionLlama3Config:
         DEFAULT_LLAMA3_MODEL, LLAMA3_MODEL_ENV, "Llama 3 instruct model: hub id or local transformers folder."
     )
     model_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model-name.")
-    batch_size: int = option(16, "Prompts per generate call (per process).")
-    max_new_tokens: int = option(77, "Most tokens generated per caption.")
-    temperature: float = option(0.0, "Sampling temperature; 0 decodes greedily (deterministic).")
+    batch_size: int = option(16, "Prompts per generate call (per process).", min=1)
+    max_new_tokens: int = option(77, "Most tokens generated per caption.", min=1, max=4096)
+    temperature: float = option(
+        0.0, "Sampling temperature; 0 decodes greedily (deterministic).", min=0, max=100
+    )
     top_p: float = option(0.9, "Nucleus sampling threshold (used when --temperature > 0).")
     seed: int = option(0, "Seed of the sampling RNG (used when --temperature > 0).")
     include_subjective: bool = option(False, "Also state subjective attributes (Attractive, Chubby).")
     max_caption_words: int = option(
-        60, "Warn about captions longer than this many words (or repeating themselves)."
+        60, "Warn about captions longer than this many words (or repeating themselves).", min=1
     )
     precision: Precision = option(
         "auto", "Model dtype. auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU."
@@ -65,17 +66,6 @@ class CaptionLlama3Config:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        for flag, value in (
-            ("--batch-size", self.batch_size),
-            ("--max-new-tokens", self.max_new_tokens),
-            ("--max-caption-words", self.max_caption_words),
-        ):
-            if value < 1:
-                raise ValueError(f"{flag} {value}: must be at least 1")
-        if self.max_new_tokens > 4096:
-            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: must be at most 4096")
-        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 100):
-            raise ValueError(f"--temperature {self.temperature}: must be 0 (greedy) or a positive number")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
         if not self.model_name:

@@ -108,7 +108,7 @@ class ComputePromptEmbedsConfig:
     max_sequence_length: int = option(
         77, "Tokens per prompt (padded/truncated). Must be 77 for CLIP (1, 2); up to 512 for T5 (3)."
     )
-    batch_size: int = option(32, "Prompts per encoder call (per process).")
+    batch_size: int = option(32, "Prompts per encoder call (per process).", min=1)
     precision: Precision = option(
         "float32", "dtype of the encoder weights; float16/bfloat16 halve T5-XXL's 19 GB on a GPU."
     )
@@ -127,8 +127,6 @@ class ComputePromptEmbedsConfig:
             raise ValueError(
                 f"--max-sequence-length {self.max_sequence_length}: must be 1 to {T5_MAX_LENGTH}"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size}: must be at least 1")
         if not self.model_name:
             raise ValueError(f"--model-name is empty: give a hub id or a folder (or set {SD3_MODEL_ENV})")
 

@@ -31,13 +31,11 @@ class CopyImagesConfig:
     relative_symlinks: bool = option(
         False, "With --symlink: relative link targets (folders movable together)."
     )
-    num_images: int | None = option(None, "Only the first N examples by id (a deterministic subset).")
+    num_images: int | None = option(None, "Only the first N examples by id (a deterministic subset).", min=1)
     overwrite: bool = option(False, "Replace files that already exist in OUTPUT_DIR.")
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        if self.num_images is not None and self.num_images < 1:
-            raise ValueError("--num-images must be at least 1")
         if self.relative_symlinks and not self.symlink:
             raise ValueError("--relative-symlinks needs --symlink")
 
