@@ -24,8 +24,9 @@ from torch.utils import flop_counter
 MATMUL_SIZES = (1024, 2048, 3072)
 
 
-def _register_cpu_attention() -> None:
-    """torch's FLOP counter knows the CUDA attention kernels but not the CPU ones: count those the same way."""
+def _register_cpu_kernels() -> None:
+    """torch's FLOP counter knows the CUDA attention kernels but not the CPU ones, nor the oneDNN linear: count
+    those the same way."""
     aten = torch.ops.aten
     forward, backward = (
         aten._scaled_dot_product_flash_attention_for_cpu,
@@ -54,7 +55,7 @@ def _register_cpu_attention() -> None:
 
 def count_flops(fn: Callable[[], object]) -> float:
     """FLOPs of one call of ``fn`` (matmuls, convolutions and attention, CPU kernels included)."""
-    _register_cpu_attention()
+    _register_cpu_kernels()
     with flop_counter.FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())

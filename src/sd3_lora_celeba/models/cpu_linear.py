@@ -2,10 +2,9 @@
 
 PyTorch sends a float32 ``nn.Linear`` on the CPU to its BLAS (MKL in the pip wheels). The oneDNN matmul that
 PyTorch also ships (the library behind its CPU convolutions) was faster on the AMD EPYC development machine: on
-one thread 96-105 against 79-93 GFLOP/s (a 2048-square product and the MM-DiT's feed-forward shape), and in the
-benchmarks (``benchmarks/run_all.py --quick``) the generate goal went from 1.15x to 1.23x and the train-step
-goal from 0.96x to 1.07x. The results agree to float32 rounding (the order of the additions differs, as between
-two BLAS builds).
+one thread 96-105 against 79-93 GFLOP/s (a 2048-square product and the MM-DiT's feed-forward shape); what that
+gives the train-step and generate benchmarks is in the README's Benchmarks section. The results agree to
+float32 rounding (the order of the additions differs, as between two BLAS builds).
 
 :func:`use_onednn_linears` gives every plain ``nn.Linear`` of a model the class :class:`OneDnnLinear`: a subclass
 with the same parameters and state dict, so peft wraps and saves it like any linear, and LoRA fusing writes into

@@ -745,6 +745,8 @@ def train_loop(config: FineTuneConfig, accelerator, parts: Parts, run_dir: Path,
     """Optimizer steps until ``--num-training-steps``: log, checkpoint, validate; stop cleanly on a signal."""
     from tqdm.auto import tqdm
 
+    from sd3_lora_celeba.data.cached import release_exited_worker_buffers
+
     device, progress = accelerator.device, parts.progress
     sampler = ResumableBatchSampler(
         len(parts.dataset),
@@ -834,8 +836,6 @@ def train_loop(config: FineTuneConfig, accelerator, parts: Parts, run_dir: Path,
 
     bar.close()
     tracker.close()
-    from sd3_lora_celeba.data.cached import release_exited_worker_buffers
-
     del batches  # the loader's workers exit; their shared batch buffers can go (an experiment trains on)
     release_exited_worker_buffers()
     return layout.checkpoint_dir(run_dir, progress.step) if final_checkpoint is None else final_checkpoint
