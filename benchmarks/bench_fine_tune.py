@@ -46,19 +46,15 @@ import time
 import torch
 from ceiling import ceiling_row, count_flops, matmul_rate
 
+from sd3_lora_celeba.testing.published import PROMPT_TOKENS, SD3_MEDIUM
+
 H100_BF16_DENSE_FLOPS = 989e12
-SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-    pos_embed_max_size=192,
-)  # fmt: skip
 # --quick: 24 blocks of width 384, 64x64 latents (512 px), SD3-medium cache shapes.
 MID = dict(
     sample_size=64, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=6,
     joint_attention_dim=4096, caption_projection_dim=384, pooled_projection_dim=2048, out_channels=16,
     pos_embed_max_size=96,
 )  # fmt: skip
-PROMPT_TOKENS = 333  # 77 CLIP + 256 T5
 BLOCKS = list(range(4, 23))
 
 

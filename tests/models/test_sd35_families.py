@@ -14,23 +14,8 @@ from sd3_lora_celeba.models.families import (
     recommended_lora_blocks,
 )
 from sd3_lora_celeba.models.lora import DUAL_ATTENTION_LINEARS, JOINT_ATTENTION_LINEARS
+from sd3_lora_celeba.testing.published import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
 from sd3_lora_celeba.testing.tiny_sd3 import TINY_IMAGE_SIZE, build_tiny_sd3
-
-# The transformer configs published with the real models (hub transformer/config.json, the fields that matter).
-SD3_MEDIUM = {
-    "attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16, "joint_attention_dim": 4096,
-    "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
-    "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128,
-}  # fmt: skip
-SD35_MEDIUM = {
-    **SD3_MEDIUM,
-    "dual_attention_layers": list(range(13)),
-    "qk_norm": "rms_norm",
-    "pos_embed_max_size": 384,
-}
-SD35_LARGE = {
-    **SD3_MEDIUM, "caption_projection_dim": 2432, "num_attention_heads": 38, "num_layers": 38, "qk_norm": "rms_norm",
-}  # fmt: skip
 
 
 @pytest.mark.parametrize(

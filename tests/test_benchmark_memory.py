@@ -1,0 +1,117 @@
+"""The memory estimate counts what PyTorch's allocator holds, and fake tensors count what real ones would."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd3_lora_celeba.models.families import count_parameters
+from sd3_lora_celeba.testing.published import SD3_MEDIUM, SD3_VAE, SD35_MEDIUM
+
+# Small models of the real layouts (SD3-medium's; SD3.5-medium's qk norms and attn2), the real prompt widths.
+SMALL = {
+    "sd3-medium": {**SD3_MEDIUM, "num_layers": 6, "num_attention_heads": 2, "caption_projection_dim": 128,
+                   "sample_size": 32, "pos_embed_max_size": 32},
+    "sd3.5-medium": {**SD35_MEDIUM, "num_layers": 6, "num_attention_heads": 2, "caption_projection_dim": 128,
+                     "sample_size": 32, "pos_embed_max_size": 32, "dual_attention_layers": [0, 1, 2]},
+}  # fmt: skip
+SMALL_VAE = {**SD3_VAE, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 8}
+
+
+@pytest.fixture(scope="module")
+def memory():
+    folder = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_estimate_memory", folder / "estimate_memory.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def real_step(memory, config: dict, checkpointing: bool):
+    model = memory.lora_transformer(config, checkpointing)
+    step, kept = memory.step_fn(model, config, batch_size=1)
+    with memory.cuda_autocast_norms():
+        step()  # the optimizer state exists from here on
+    return model, step, kept
+
+
+def allocator_peak_rise(step) -> int:
+    """Peak bytes above the start that PyTorch's CPU allocator reports over one step (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    assert live == 0  # a step frees what it allocates
+    return peak
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_counted_peak_is_the_allocators(memory, family, checkpointing):
+    _, step, kept = real_step(memory, SMALL[family], checkpointing)
+    start, peak = memory.peak_bytes(step, kept, steps=1, block=1)
+    with memory.cuda_autocast_norms():
+        rise = allocator_peak_rise(step)
+    assert rise > 2**20
+    assert peak - start == pytest.approx(rise, rel=0.02)
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_fake_tensors_count_what_real_ones_do(memory, family):
+    config = SMALL[family]
+    real = memory.estimate(config, batch_size=1, checkpointing=True, fake=False)
+    assert memory.estimate(config, batch_size=1, checkpointing=True) == real
+    real = memory.estimate_generation(config, SMALL_VAE, batch_size=2, fake=False)
+    assert memory.estimate_generation(config, SMALL_VAE, batch_size=2) == real
+
+
+def test_estimate_parts(memory):
+    config = SMALL["sd3.5-medium"]
+    on = memory.estimate(config, batch_size=1, checkpointing=True)
+    off = memory.estimate(config, batch_size=1, checkpointing=False)
+    assert on["frozen"] == off["frozen"] and on["lora_state"] == off["lora_state"]
+    assert on["frozen"] > 2 * count_parameters(config)  # bf16 weights plus the position-embedding buffer
+    assert on["frozen"] + on["lora_state"] < on["peak"] < off["peak"]
+
+
+def test_generation_parts(memory):
+    config = SMALL["sd3-medium"]
+    one, two = (memory.estimate_generation(config, SMALL_VAE, batch_size=b) for b in (1, 2))
+    fused = memory.estimate_generation(config, SMALL_VAE, batch_size=1, fused_qkv=True)
+    assert one["resident"] < one["denoise"] and one["resident"] < one["decode"]
+    assert two["decode"] > one["decode"] and two["denoise"] > one["denoise"]
+    assert one["peak"] == max(one["denoise"], one["decode"])
+    with torch.device("meta"):  # diffusers adds the joined projections and keeps the separate ones
+        from diffusers import SD3Transformer2DModel
+
+        transformer = SD3Transformer2DModel(**config).to(torch.bfloat16)
+        transformer.fuse_qkv_projections()
+    joined = [p for n, p in transformer.named_parameters() if ".to_qkv." in n or ".to_added_qkv." in n]
+    assert joined
+    blocks = sum(-(-p.numel() * p.element_size() // memory.CUDA_BLOCK) * memory.CUDA_BLOCK for p in joined)
+    assert fused["resident"] - one["resident"] == blocks
+
+
+def test_layer_norms_run_in_float32_under_autocast_only(memory):
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with memory.cuda_autocast_norms():
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.bfloat16
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.bfloat16  # restored
