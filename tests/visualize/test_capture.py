@@ -160,10 +160,20 @@ def test_kept_probabilities_are_the_softmax_columns(monkeypatch):
     kept = torch.tensor([0, 3, 14])
     direct = torch.softmax(query @ key.transpose(-1, -2) / 8**0.5, -1).mean(1)
     torch.testing.assert_close(image_to_text_probabilities(query, key, 25, kept), direct[:, :25, 25 + kept])
-    # The fused (GPU) form, and the CPU form in chunks of a few queries.
+    # The fused (GPU) form, its values padded to the width CUDA's memory-efficient kernel takes (3 -> 8 columns),
+    # and the CPU form in chunks of a few queries.
+    widths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: widths.append(v.shape[-1]) or sdpa(q, k, v, **kw),
+    )
     torch.testing.assert_close(
         one_hot_attention_probabilities(query, key, 25, kept), direct[:, :25, 25 + kept]
     )
+    assert widths == [capture_module.VALUE_ALIGNMENT]
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
     monkeypatch.setattr(capture_module, "CPU_SCORE_ELEMENTS", 2 * 3 * 40 * 4)  # 4 queries per chunk
     torch.testing.assert_close(image_to_text_probabilities(query, key, 25, kept), direct[:, :25, 25 + kept])
     torch.testing.assert_close(text_to_image_probabilities(query, key, 25, kept), direct[:, 25 + kept, :25])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 FEATURE_SOURCES = ("output", "query", "key", "value")
 STORE_DTYPE = torch.float16
 CPU_SCORE_ELEMENTS = 2**24  # scores computed at once on the CPU (64 MiB in float32)
+VALUE_ALIGNMENT = 8  # value width CUDA's memory-efficient attention needs for 16-bit inputs (4 for float32)
 
 
 @dataclass
@@ -180,14 +181,19 @@ def image_to_text_probabilities(
 def one_hot_attention_probabilities(
     query: torch.Tensor, key: torch.Tensor, num_image_tokens: int, kept: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`image_to_text_probabilities` as one attention call with one-hot values (fused on a GPU)."""
+    """:func:`image_to_text_probabilities` as one attention call with one-hot values (fused on a GPU).
+
+    The values get zero columns up to a multiple of :data:`VALUE_ALIGNMENT`: CUDA's memory-efficient kernel, the
+    fused one that takes values wider than the heads, needs that width (8 for 16-bit inputs), and with any other
+    width the call falls back to the math kernel, which holds the whole (N_img x N) score matrix per head."""
     b, heads, n, _ = key.shape
-    values = torch.zeros(n, kept.numel(), device=key.device, dtype=query.dtype)
-    values[num_image_tokens + kept, torch.arange(kept.numel(), device=key.device)] = 1
+    k = kept.numel()
+    width = -(-k // VALUE_ALIGNMENT) * VALUE_ALIGNMENT
+    values = torch.zeros(n, width, device=key.device, dtype=query.dtype)
+    values[num_image_tokens + kept, torch.arange(k, device=key.device)] = 1
     q = query[:, :, :num_image_tokens]
-    return (
-        F.scaled_dot_product_attention(q, key, values.expand(b, heads, n, kept.numel())).float().mean(dim=1)
-    )
+    probabilities = F.scaled_dot_product_attention(q, key, values.expand(b, heads, n, width))
+    return probabilities[..., :k].float().mean(dim=1)  # (B, N_img, K)
 
 
 def text_to_image_probabilities(
