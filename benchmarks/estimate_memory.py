@@ -1,4 +1,4 @@
-"""Peak GPU memory of fine-tuning and of generation at the real model shapes, estimated without a GPU.
+"""Peak GPU memory of fine-tuning, generation and the attention app at the real shapes, estimated without a GPU.
 
     python benchmarks/estimate_memory.py                          # the three families at 1024 px (~6 min)
     python benchmarks/estimate_memory.py --family sd3.5-large --batch-size 2 --generate-batch-size 8
@@ -16,6 +16,8 @@ SD3.5-large costs seconds and no memory, and counts the bytes of every tensor st
   forward, as with ``--gradient-accumulation-steps``.
 * Generation, as ``generate-images`` runs on CUDA: the bf16 transformer and VAE resident, one guided
   transformer call (prompts and empty prompt, 2 x batch), then the VAE decode of the batch.
+* The attention app, as ``visualize-attention-weights`` runs on CUDA: the whole bf16 pipeline resident (the
+  three text encoders too), its default attention capture during one guided generation, then the decode.
 * Both: PyTorch's fused attention (its forward keeps only the output and the log-sum-exp, as the CUDA kernels
   do), and sizes rounded up to the CUDA caching allocator's 512-byte blocks.
 * Left out: kernel workspaces (cuBLAS keeps a few MiB to tens of MiB), the gap between allocated and reserved
@@ -39,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sd3_lora_celeba.testing.published import PROMPT_TOKENS, SD3_VAE, TRANSFORMER_CONFIGS
+from sd3_lora_celeba.testing.published import PROMPT_TOKENS, SD3_VAE, TRANSFORMER_CONFIGS, text_encoders
 
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to this
 GIB = 2**30
@@ -110,15 +112,26 @@ def lora_transformer(config: dict, checkpointing: bool, rank: int = 64) -> torch
 
 
 def fake_copy(model: torch.nn.Module) -> None:
-    """Give a ``meta`` model CPU fake tensors of the same shapes and dtypes (inside a ``FakeTensorMode``)."""
+    """Give a ``meta`` model CPU fake tensors of the same shapes and dtypes (inside a ``FakeTensorMode``); a
+    tensor shared by several modules (T5's tied embeddings) stays one tensor."""
+    fakes: dict[
+        int, tuple[torch.Tensor, torch.Tensor]
+    ] = {}  # id -> (original, kept alive so ids stay unique; fake)
+
+    def fake_of(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(t) not in fakes:
+            fake = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if parameter else fake
+            fakes[id(t)] = (t, fake)
+        return fakes[id(t)][1]
+
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
-                fake = torch.empty(p.shape, dtype=p.dtype, device="cpu")
-                module._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                module._parameters[name] = fake_of(p, parameter=True)
         for name, b in list(module._buffers.items()):
             if b is not None:
-                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
+                module._buffers[name] = fake_of(b, parameter=False)
 
 
 def step_fn(model: torch.nn.Module, config: dict, batch_size: int, micro_batches: int = 2):
@@ -195,24 +208,42 @@ def estimate(config: dict, batch_size: int, checkpointing: bool, rank: int = 64,
 
 
 def estimate_generation(
-    config: dict, vae_config: dict, batch_size: int, fused_qkv: bool = False, fake: bool = True
+    config: dict,
+    vae_config: dict,
+    batch_size: int,
+    fused_qkv: bool = False,
+    fake: bool = True,
+    app_encoders=None,
 ) -> dict:
     """Peak bytes of ``generate-images`` at the native size, what stays resident (the bf16 transformer and VAE),
     and the peaks of its two phases: one guided transformer call on ``2 x batch_size`` inputs (prompts and the
     empty prompt), then the VAE decode of ``batch_size`` latents. ``fused_qkv``: the joined q/k/v projections
     generate adds on CUDA for SD3-medium (diffusers keeps the separate ones beside them). ``fake=False`` runs it
-    on real CPU tensors."""
+    on real CPU tensors.
+
+    ``app_encoders``: the attention app's generation instead, its text encoders built by this callable (e.g.
+    :func:`~sd3_lora_celeba.testing.published.text_encoders`). They stay resident too (the prompt's encoding, a
+    few MiB of activations, is left out), and the app's default capture runs: its blocks, all text columns kept
+    (the most a prompt keeps), one transformer call per default captured step (uncaptured steps leave nothing
+    behind). The captured maps and features stay on the device through the decode, as in the app."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
+    from sd3_lora_celeba.visualize.capture import capture_attention
+    from sd3_lora_celeba.visualize.explorer import default_capture
+
     dtype, side, n = torch.bfloat16, config["sample_size"], 2 * batch_size
+    app = app_encoders is not None
     build, mode = shapes_only(fake)
     with build:
         transformer = SD3Transformer2DModel(**config).to(dtype).eval()
         vae = AutoencoderKL(**vae_config).to(dtype).eval()
+        encoders = [e.to(dtype) for e in app_encoders()] if app else []
+    models = [transformer, vae, *encoders]
+    blocks, steps = default_capture(config["num_layers"], 28)
+    capture = capture_attention(transformer, blocks=blocks, cfg=True) if app else contextlib.nullcontext()
     with mode:
-        if fake:
-            fake_copy(transformer)
-            fake_copy(vae)
+        for model in models if fake else ():
+            fake_copy(model)
         if fused_qkv:
             transformer.fuse_qkv_projections()
         latents = torch.randn(batch_size, 16, side, side, dtype=dtype)  # (B, 16, H/8, W/8)
@@ -222,22 +253,32 @@ def estimate_generation(
             pooled_projections=torch.randn(n, config["pooled_projection_dim"], dtype=dtype),
         )
         tracker = LiveBytes()
-        models = [*transformer.parameters(), *transformer.buffers(), *vae.parameters(), *vae.buffers()]
-        for tensor in [*models, latents, *call.values()]:
+        for tensor in [
+            *(t for m in models for t in (*m.parameters(), *m.buffers())),
+            latents,
+            *call.values(),
+        ]:
             tracker.track(tensor)
         resident = tracker.live
-        with tracker, torch.inference_mode():
-            noise_pred = transformer(hidden_states=torch.cat([latents] * 2), return_dict=False, **call)[0]
-            uncond, text = noise_pred.chunk(2)
-            latents = uncond + 7.0 * (text - uncond)  # guidance and the scheduler step, element-wise
-            del noise_pred, uncond, text
-            denoise = tracker.peak
+        with tracker, torch.inference_mode(), capture:
+            for _ in range(len(steps) if app else 1):
+                noise_pred = transformer(hidden_states=torch.cat([latents] * 2), return_dict=False, **call)[0]
+                uncond, text = noise_pred.chunk(2)
+                latents = uncond + 7.0 * (text - uncond)  # guidance and the scheduler step, element-wise
+                del noise_pred, uncond, text
+            denoise, captured = tracker.peak, tracker.live - resident
             tracker.peak = tracker.live
             latents = latents / vae_config["scaling_factor"] + vae_config["shift_factor"]
             image = vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W)
             del image
             decode = tracker.peak
-    return {"resident": resident, "denoise": denoise, "decode": decode, "peak": max(denoise, decode)}
+    return {
+        "resident": resident,
+        "captured": captured,
+        "denoise": denoise,
+        "decode": decode,
+        "peak": max(denoise, decode),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
                 e = estimate_generation(TRANSFORMER_CONFIGS[family], SD3_VAE, batch, fused)
                 print(f"{family:14s}{batch:6d}{'yes' if fused else 'no':>11s}{e['resident'] / GIB:10.2f}"
                       f"{e['denoise'] / GIB:9.2f}{e['decode'] / GIB:8.2f}{e['peak'] / GIB:8.2f}")  # fmt: skip
+    print(
+        "\nsd3 visualize-attention-weights: the whole bf16 pipeline (three text encoders too), the default capture"
+    )
+    print(f"{'family':14s}{'resident':>10s}{'captured':>10s}{'denoise':>9s}{'decode':>8s}{'peak':>8s}")
+    for family in families:
+        e = estimate_generation(TRANSFORMER_CONFIGS[family], SD3_VAE, 1, app_encoders=text_encoders)
+        print(f"{family:14s}{e['resident'] / GIB:10.2f}{e['captured'] / GIB:10.2f}{e['denoise'] / GIB:9.2f}"
+              f"{e['decode'] / GIB:8.2f}{e['peak'] / GIB:8.2f}")  # fmt: skip
     return 0
 
 

@@ -107,6 +107,38 @@ def test_generation_parts(memory):
     assert fused["resident"] - one["resident"] == blocks
 
 
+def tiny_encoders() -> list:
+    """Stand-ins for the three text encoders, T5's tied embeddings included."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip = dict(
+        hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=99
+    )
+    t5 = T5Config(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, vocab_size=99)
+    return [CLIPTextModelWithProjection(CLIPTextConfig(**clip, projection_dim=16)), T5EncoderModel(t5)]
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_app_counts_encoders_once_and_capture_until_the_decode(memory, family):
+    config = SMALL[family]
+    plain = memory.estimate_generation(config, SMALL_VAE, batch_size=1)
+    app = memory.estimate_generation(config, SMALL_VAE, batch_size=1, app_encoders=tiny_encoders)
+    assert (
+        memory.estimate_generation(config, SMALL_VAE, batch_size=1, app_encoders=tiny_encoders, fake=False)
+        == app
+    )
+    encoders = [e.to(torch.bfloat16) for e in tiny_encoders()]
+    assert encoders[1].shared.weight is encoders[1].encoder.embed_tokens.weight  # tied: counted once
+    tensors = [t for e in encoders for t in (*e.parameters(), *e.buffers())]
+    block = memory.CUDA_BLOCK
+    weights = sum(-(-t.numel() * t.element_size() // block) * block for t in tensors)
+    assert (
+        app["resident"] - plain["resident"] == weights
+    )  # bf16 weights, int64 position ids, in allocator blocks
+    assert app["captured"] > 0 and plain["captured"] == 0
+    assert app["decode"] - app["resident"] >= plain["decode"] - plain["resident"] + app["captured"]
+
+
 def test_layer_norms_run_in_float32_under_autocast_only(memory):
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with memory.cuda_autocast_norms():

@@ -27,3 +27,29 @@ SD3_VAE = {
     "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 1.5305,
     "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False,
 }  # fmt: skip
+# The three text encoders every family shares (hub text_encoder*/config.json): CLIP-L and OpenCLIP bigG as
+# CLIPTextModelWithProjection, the T5 v1.1 XXL encoder as T5EncoderModel.
+CLIP_L = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu",
+}  # fmt: skip
+CLIP_G = {
+    "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+    "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 1280, "hidden_act": "gelu",
+}  # fmt: skip
+T5_XXL = {
+    "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+}  # fmt: skip
+
+
+def text_encoders() -> list:
+    """The three text encoders built from :data:`CLIP_L`, :data:`CLIP_G` and :data:`T5_XXL` (random weights, on
+    the current default device: use ``meta`` for their shapes alone)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    return [
+        CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
+        CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
+        T5EncoderModel(T5Config(**T5_XXL)),
+    ]
