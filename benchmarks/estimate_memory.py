@@ -18,7 +18,7 @@ SD3.5-large costs seconds and no memory, and counts the bytes of every tensor st
   transformer call (prompts and empty prompt, 2 x batch), then the VAE decode of the batch.
 * The attention app, as ``visualize-attention-weights`` runs on CUDA: the whole bf16 pipeline resident (the
   three text encoders too), its default attention capture during one guided generation, then the decode.
-* Both: PyTorch's fused attention (its forward keeps only the output and the log-sum-exp, as the CUDA kernels
+* All three: PyTorch's fused attention (its forward keeps only the output and the log-sum-exp, as the CUDA kernels
   do), and sizes rounded up to the CUDA caching allocator's 512-byte blocks.
 * Left out: kernel workspaces (cuBLAS keeps a few MiB to tens of MiB), the gap between allocated and reserved
   memory (fragmentation) and the CUDA context (~0.5 GiB, outside ``max_memory_allocated`` too).
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import weakref
 from pathlib import Path
@@ -114,9 +115,8 @@ def lora_transformer(config: dict, checkpointing: bool, rank: int = 64) -> torch
 def fake_copy(model: torch.nn.Module) -> None:
     """Give a ``meta`` model CPU fake tensors of the same shapes and dtypes (inside a ``FakeTensorMode``); a
     tensor shared by several modules (T5's tied embeddings) stays one tensor."""
-    fakes: dict[
-        int, tuple[torch.Tensor, torch.Tensor]
-    ] = {}  # id -> (original, kept alive so ids stay unique; fake)
+    # id -> (the original, kept alive so that no other tensor takes its id meanwhile; its fake)
+    fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fake_of(t: torch.Tensor, parameter: bool) -> torch.Tensor:
         if id(t) not in fakes:
@@ -228,6 +228,7 @@ def estimate_generation(
     behind). The captured maps and features stay on the device through the decode, as in the app."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
+    from sd3_lora_celeba.visualize.app import VisualizeConfig
     from sd3_lora_celeba.visualize.capture import capture_attention
     from sd3_lora_celeba.visualize.explorer import default_capture
 
@@ -239,7 +240,10 @@ def estimate_generation(
         vae = AutoencoderKL(**vae_config).to(dtype).eval()
         encoders = [e.to(dtype) for e in app_encoders()] if app else []
     models = [transformer, vae, *encoders]
-    blocks, steps = default_capture(config["num_layers"], 28)
+    app_steps = next(
+        f.default for f in dataclasses.fields(VisualizeConfig) if f.name == "num_inference_steps"
+    )
+    blocks, steps = default_capture(config["num_layers"], app_steps)
     capture = capture_attention(transformer, blocks=blocks, cfg=True) if app else contextlib.nullcontext()
     with mode:
         for model in models if fake else ():
