@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,10 @@ SMALL_VAE = {**SD3_VAE, "block_out_channels": [8, 8, 16, 16], "layers_per_block"
 
 @pytest.fixture(scope="module")
 def memory():
-    folder = Path(__file__).parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_estimate_memory", folder / "estimate_memory.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
+    path = Path(__file__).parents[1] / "benchmarks" / "estimate_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_estimate_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
