@@ -37,9 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-from bench_fine_tune import MID, SD3_MEDIUM  # the transformer shapes every benchmark shares
+from bench_fine_tune import MID  # the mid-size shape the CPU benchmarks share
 from ceiling import ceiling_row, count_flops, matmul_rate
 from run_all import print_goals
+
+from sd3_lora_celeba.testing.published import SD3_MEDIUM
 
 MODEL_TAG = "bench/generate"
 SD3_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)

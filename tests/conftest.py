@@ -40,6 +40,22 @@ from click.testing import CliRunner, Result  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def load_benchmark() -> Callable[[str], object]:
+    """``load_benchmark("ceiling")``: the module ``benchmarks/ceiling.py``, loaded by path (benchmarks/ is no
+    package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory) -> Path:
     """A saved tiny SD3 pipeline folder, built once per session (the same folder the encode tests reuse)."""
     from sd3_lora_celeba.testing.tiny_sd3 import build_tiny_sd3

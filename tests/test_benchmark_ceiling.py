@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,12 +10,8 @@ from sd3_lora_celeba.models.cpu_linear import onednn_available, use_onednn_linea
 
 
 @pytest.fixture(scope="module")
-def ceiling():
-    path = Path(__file__).parents[1] / "benchmarks" / "ceiling.py"
-    spec = importlib.util.spec_from_file_location("bench_ceiling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ceiling(load_benchmark):
+    return load_benchmark("ceiling")
 
 
 def test_cpu_attention_is_counted_forward_and_backward(ceiling):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -22,12 +19,8 @@ SMALL_VAE = {**SD3_VAE, "block_out_channels": [8, 8, 16, 16], "layers_per_block"
 
 
 @pytest.fixture(scope="module")
-def memory():
-    path = Path(__file__).parents[1] / "benchmarks" / "estimate_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_estimate_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def memory(load_benchmark):
+    return load_benchmark("estimate_memory")
 
 
 def real_step(memory, config: dict, checkpointing: bool):

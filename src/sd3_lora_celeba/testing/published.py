@@ -1,6 +1,7 @@
-"""The transformer configs published with the real models (hub ``transformer/config.json``, the fields that
-decide shapes), for checks that need the real shapes but no weights: family detection, parameter counts, memory
-estimates and the full-size benchmarks. The package itself never reads them: it reads a model's own config."""
+"""The configs published with the real models (the hub's ``transformer``, ``vae`` and ``text_encoder*``
+``config.json``, the fields that decide shapes), for checks that need the real shapes but no weights: family
+detection, parameter counts, memory estimates and the full-size benchmarks. The package itself never reads them:
+it reads a model's own config."""
 
 from __future__ import annotations
 
