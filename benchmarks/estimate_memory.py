@@ -1,4 +1,4 @@
-"""Peak GPU memory of fine-tuning, generation and the attention app at the real shapes, estimated without a GPU.
+"""Peak GPU memory of fine-tuning, validation, generation and the app at the real shapes, without a GPU.
 
     python benchmarks/estimate_memory.py                          # the three families at 1024 px (~6 min)
     python benchmarks/estimate_memory.py --family sd3.5-large --batch-size 2 --generate-batch-size 8
@@ -16,9 +16,11 @@ SD3.5-large costs seconds and no memory, and counts the bytes of every tensor st
   forward, as with ``--gradient-accumulation-steps``.
 * Generation, as ``generate-images`` runs on CUDA: the bf16 transformer and VAE resident, one guided
   transformer call (prompts and empty prompt, 2 x batch), then the VAE decode of the batch.
+* Validation FID during fine-tuning (``--validation-fid-every``): generation as above, with the trained
+  transformer (its LoRA unfused, under bf16 autocast) and AdamW's state resident.
 * The attention app, as ``visualize-attention-weights`` runs on CUDA: the whole bf16 pipeline resident (the
   three text encoders too), its default attention capture during one guided generation, then the decode.
-* All three: PyTorch's fused attention (its forward keeps only the output and the log-sum-exp, as the CUDA kernels
+* All of them: PyTorch's fused attention (its forward keeps only the output and the log-sum-exp, as the CUDA kernels
   do), and sizes rounded up to the CUDA caching allocator's 512-byte blocks.
 * Left out: kernel workspaces (cuBLAS keeps a few MiB to tens of MiB), the gap between allocated and reserved
   memory (fragmentation) and the CUDA context (~0.5 GiB, outside ``max_memory_allocated`` too).
@@ -214,6 +216,7 @@ def estimate_generation(
     fused_qkv: bool = False,
     fake: bool = True,
     app_encoders=None,
+    validation_rank: int | None = None,
 ) -> dict:
     """Peak bytes of ``generate-images`` at the native size, what stays resident (the bf16 transformer and VAE),
     and the peaks of its two phases: one guided transformer call on ``2 x batch_size`` inputs (prompts and the
@@ -225,7 +228,13 @@ def estimate_generation(
     :func:`~sd3_lora_celeba.testing.published.text_encoders`). They stay resident too (the prompt's encoding, a
     few MiB of activations, is left out), and the app's default capture runs: its blocks, all text columns kept
     (the most a prompt keeps), one transformer call per default captured step (uncaptured steps leave nothing
-    behind). The captured maps and features stay on the device through the decode, as in the app."""
+    behind). The captured maps and features stay on the device through the decode, as in the app.
+
+    ``validation_rank``: ``fine-tune --validation-fid-every``'s generation instead. The transformer is the one
+    being trained (:func:`lora_transformer`, LoRA of this rank unfused, in eval mode), AdamW's two fp32 states
+    stay resident beside it (the gradients were set to ``None`` by the step before), and its calls run under bf16
+    autocast (accelerate keeps the autocast wrapper on the unwrapped model that validation gets). The Inception
+    network runs after the images are written, on what generation freed, and is left out."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     from sd3_lora_celeba.visualize.app import VisualizeConfig
@@ -236,7 +245,10 @@ def estimate_generation(
     app = app_encoders is not None
     build, mode = shapes_only(fake)
     with build:
-        transformer = SD3Transformer2DModel(**config).to(dtype).eval()
+        if validation_rank:
+            transformer = lora_transformer(config, checkpointing=False, rank=validation_rank).eval()
+        else:
+            transformer = SD3Transformer2DModel(**config).to(dtype).eval()
         vae = AutoencoderKL(**vae_config).to(dtype).eval()
         encoders = [e.to(dtype) for e in app_encoders()] if app else []
     models = [transformer, vae, *encoders]
@@ -256,17 +268,24 @@ def estimate_generation(
             encoder_hidden_states=torch.randn(n, PROMPT_TOKENS, config["joint_attention_dim"], dtype=dtype),
             pooled_projections=torch.randn(n, config["pooled_projection_dim"], dtype=dtype),
         )
+        trained = [p for p in transformer.parameters() if p.requires_grad] if validation_rank else []
+        adam_states = [torch.zeros_like(p) for p in trained for _ in range(2)]  # exp_avg, exp_avg_sq
         tracker = LiveBytes()
         for tensor in [
             *(t for m in models for t in (*m.parameters(), *m.buffers())),
+            *adam_states,
             latents,
             *call.values(),
         ]:
             tracker.track(tensor)
         resident = tracker.live
-        with tracker, torch.inference_mode(), capture:
+        autocast = torch.autocast("cpu", torch.bfloat16, enabled=bool(validation_rank))
+        with tracker, torch.inference_mode(), capture, cuda_autocast_norms():
             for _ in range(len(steps) if app else 1):
-                noise_pred = transformer(hidden_states=torch.cat([latents] * 2), return_dict=False, **call)[0]
+                with autocast:
+                    noise_pred = transformer(
+                        hidden_states=torch.cat([latents] * 2), return_dict=False, **call
+                    )[0]
                 uncond, text = noise_pred.chunk(2)
                 latents = uncond + 7.0 * (text - uncond)  # guidance and the scheduler step, element-wise
                 del noise_pred, uncond, text
@@ -321,6 +340,21 @@ def main(argv: list[str] | None = None) -> int:
                 e = estimate_generation(TRANSFORMER_CONFIGS[family], SD3_VAE, batch, fused)
                 print(f"{family:14s}{batch:6d}{'yes' if fused else 'no':>11s}{e['resident'] / GIB:10.2f}"
                       f"{e['denoise'] / GIB:9.2f}{e['decode'] / GIB:8.2f}{e['peak'] / GIB:8.2f}")  # fmt: skip
+    from sd3_lora_celeba.train.recipe import FineTuneConfig
+
+    default = next(f.default for f in dataclasses.fields(FineTuneConfig) if f.name == "validation_batch_size")
+    print(
+        f"\nsd3 fine-tune --validation-fid-every: the trained model (rank {args.lora_rank} LoRA unfused, AdamW state)"
+        f" and the VAE; --validation-batch-size 1 and {default} (the default)"
+    )
+    print(f"{'family':14s}{'batch':>6s}{'resident':>10s}{'denoise':>9s}{'decode':>8s}{'peak':>8s}")
+    for family in families:
+        for batch in sorted({1, default}):
+            e = estimate_generation(
+                TRANSFORMER_CONFIGS[family], SD3_VAE, batch, validation_rank=args.lora_rank
+            )
+            print(f"{family:14s}{batch:6d}{e['resident'] / GIB:10.2f}{e['denoise'] / GIB:9.2f}"
+                  f"{e['decode'] / GIB:8.2f}{e['peak'] / GIB:8.2f}")  # fmt: skip
     print(
         "\nsd3 visualize-attention-weights: the whole bf16 pipeline (three text encoders too), the default capture"
     )

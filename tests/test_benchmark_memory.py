@@ -127,6 +127,25 @@ def test_app_counts_encoders_once_and_capture_until_the_decode(memory, family):
     assert app["decode"] - app["resident"] >= plain["decode"] - plain["resident"] + app["captured"]
 
 
+def test_validation_keeps_the_trained_model_and_its_optimizer_state(memory):
+    config, rank = SMALL["sd3-medium"], 8
+    plain = memory.estimate_generation(config, SMALL_VAE, batch_size=2)
+    validation = memory.estimate_generation(config, SMALL_VAE, batch_size=2, validation_rank=rank)
+    assert (
+        memory.estimate_generation(config, SMALL_VAE, batch_size=2, validation_rank=rank, fake=False)
+        == validation
+    )
+    with torch.device("meta"):
+        trained = [p for p in memory.lora_transformer(config, False, rank).parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    block = memory.CUDA_BLOCK
+    lora = sum(-(-p.numel() * p.element_size() // block) * block for p in trained)
+    assert validation["resident"] - plain["resident"] == 3 * lora  # the LoRA, AdamW's exp_avg and exp_avg_sq
+    # the unfused LoRA's products (and its float32 inputs) add to the transformer's activations
+    assert validation["denoise"] - validation["resident"] > plain["denoise"] - plain["resident"]
+    assert validation["decode"] - validation["resident"] == plain["decode"] - plain["resident"]
+
+
 def test_layer_norms_run_in_float32_under_autocast_only(memory):
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with memory.cuda_autocast_norms():

@@ -239,6 +239,7 @@ class _Cfg:
         (["--shift", "0"], "--shift must be positive"),
         (["--checkpoints-total-limit", "0"], "--checkpoints-total-limit 0: must be at least 1"),
         (["--validation-num-images", "0"], "--validation-num-images 0: must be at least 1"),
+        (["--validation-batch-size", "0"], "--validation-batch-size 0: must be at least 1"),
         (["--allow-changed", "no-such-flag"], "--allow-changed no-such-flag: not an option"),
         (["--mixed-precision", "bf16"], "only applies with --amp"),
         (["--resume", "latest"], "no complete checkpoint"),
@@ -290,8 +291,10 @@ def test_validation_fid_call_site(tiny_world, tmp_path, monkeypatch, run_cli, sd
     missing = run_cli(*args, env=sd3_env)
     assert missing.exit_code == 2 and "validation split not found" in missing.output
     result = run_cli(
-        *args, "--validation-dir", tiny_world / "train", "--validation-num-images", "3", env=sd3_env
-    )
+        *args, "--validation-dir", tiny_world / "train", "--validation-num-images", "3",
+        "--validation-batch-size", "2", env=sd3_env,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(calls) == 1 and calls[0]["num_images"] == 3 and calls[0]["split_dir"] == tiny_world / "train"
+    assert calls[0]["batch_size"] == 2
     assert [r["validation_fid"] for r in read_metrics(tmp_path / "run") if "validation_fid" in r] == [12.5]

@@ -64,6 +64,7 @@ OPERATIONAL = (
     "validation_dir",
     "validation_num_images",
     "validation_guidance_scale",
+    "validation_batch_size",
     "inception_weights",
     "compile",
     "gradient_checkpointing",

@@ -230,6 +230,9 @@ class FineTuneConfig:
     validation_guidance_scale: float = option(
         3.0, "Guidance scale of the validation images.", group=VALID, min=0
     )
+    validation_batch_size: int = option(
+        4, "Validation images per pipeline call (lower it to save GPU memory).", group=VALID, min=1
+    )
     inception_weights: Path | None = option(
         None, "Local pytorch-fid Inception weights for validation FID (offline).", group=VALID
     )
@@ -880,6 +883,7 @@ def run_validation(
             empty_prompt_dir=config.empty_prompt_dir,
             num_images=config.validation_num_images,
             guidance_scale=config.validation_guidance_scale,
+            batch_size=config.validation_batch_size,
             seed=config.seed,
             inception_weights=config.inception_weights,
             work_dir=run_dir / layout.VALIDATION_WORK_DIR,
