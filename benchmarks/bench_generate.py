@@ -41,11 +41,10 @@ from bench_fine_tune import MID  # the mid-size shape the CPU benchmarks share
 from ceiling import ceiling_row, count_flops, matmul_rate
 from run_all import print_goals
 
-from sd3_lora_celeba.testing.published import SD3_MEDIUM
+from sd3_lora_celeba.testing.published import SD3_MEDIUM, SD3_VAE
 
 MODEL_TAG = "bench/generate"
-SD3_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1)
+TINY_VAE = {**SD3_VAE, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 8}
 LORA_BLOCKS = list(range(4, 23))
 LORA_RANK = 64
 
@@ -58,12 +57,7 @@ def build_model(root: Path, arch: dict, vae: dict) -> Path:
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(**arch).eval()
-    n = len(vae["block_out_channels"])
-    autoencoder = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, norm_num_groups=min(32, vae["block_out_channels"][0]),
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305, **vae,
-    ).eval()  # fmt: skip
+    autoencoder = AutoencoderKL(**vae).eval()
     folder = root / "model"
     transformer.save_pretrained(folder / "transformer")
     autoencoder.save_pretrained(folder / "vae")
