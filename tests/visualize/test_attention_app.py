@@ -55,16 +55,15 @@ def test_generation_same_seed_base_matches_plain_pipeline(explorer, session, tin
     g = session.generation
     assert g.names == ["base", "checkpoint-000010", "checkpoint-000020"]
     assert len(g.prompts) == 2 and all(len(p.images) == 3 for p in g.prompts)
-    plain = tiny_pipe(
-        PROMPT,
-        num_inference_steps=2,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(7),
-        max_sequence_length=64,
-    ).images[0]
+    call = dict(num_inference_steps=2, guidance_scale=4.0, max_sequence_length=64)
     base, lora = (np.asarray(g.prompts[1].images[i], dtype=np.int16) for i in (0, 1))
-    np.testing.assert_array_equal(base, np.asarray(plain, dtype=np.int16))  # capture changes nothing
-    assert any(type(m).__name__ == "OneDnnLinear" for m in explorer.pipe.transformer.modules())  # nor oneDNN
+    # The app's own pipeline called without capture (its linears on oneDNN): capture changes nothing.
+    uncaptured = explorer.pipe(PROMPT, generator=torch.Generator().manual_seed(7), **call).images[0]
+    np.testing.assert_array_equal(base, np.asarray(uncaptured, dtype=np.int16))
+    assert any(type(m).__name__ == "OneDnnLinear" for m in explorer.pipe.transformer.modules())
+    # Stock diffusers (the BLAS's products, rounded differently from oneDNN's): within one grey level.
+    plain = tiny_pipe(PROMPT, generator=torch.Generator().manual_seed(7), **call).images[0]
+    assert np.abs(base - np.asarray(plain, dtype=np.int16)).max() <= 1
     assert np.abs(base - lora).max() > 0
     assert g.blocks == tuple(range(24)) and g.steps == (0, 1)
 
