@@ -50,6 +50,16 @@ CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to thi
 GIB = 2**30
 
 
+def allocator_bytes(nbytes: int, block: int = CUDA_BLOCK) -> int:
+    """What the caching allocator holds for a request of ``nbytes``: rounded up to a multiple of ``block``."""
+    return -(-nbytes // block) * block
+
+
+def option_default(config_class, name: str):
+    """The default of the option ``name`` of a command's config dataclass."""
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages alive, and their peak, over the operations run inside the mode (and the
     tensors passed to :meth:`track` before it)."""
@@ -63,7 +73,7 @@ class LiveBytes(TorchDispatchMode):
         storage = tensor.untyped_storage()
         if storage in self._seen:  # a view, an in-place result or a tensor counted before
             return
-        size = -(-storage.nbytes() // self.block) * self.block
+        size = allocator_bytes(storage.nbytes(), self.block)
         self._seen[storage] = size
         self.live += size
         self.peak = max(self.peak, self.live)
@@ -252,9 +262,7 @@ def estimate_generation(
         vae = AutoencoderKL(**vae_config).to(dtype).eval()
         encoders = [e.to(dtype) for e in app_encoders()] if app else []
     models = [transformer, vae, *encoders]
-    app_steps = next(
-        f.default for f in dataclasses.fields(VisualizeConfig) if f.name == "num_inference_steps"
-    )
+    app_steps = option_default(VisualizeConfig, "num_inference_steps")
     blocks, steps = default_capture(config["num_layers"], app_steps)
     capture = capture_attention(transformer, blocks=blocks, cfg=True) if app else contextlib.nullcontext()
     with mode:
@@ -342,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{e['denoise'] / GIB:9.2f}{e['decode'] / GIB:8.2f}{e['peak'] / GIB:8.2f}")  # fmt: skip
     from sd3_lora_celeba.train.recipe import FineTuneConfig
 
-    default = next(f.default for f in dataclasses.fields(FineTuneConfig) if f.name == "validation_batch_size")
+    default = option_default(FineTuneConfig, "validation_batch_size")
     print(
         f"\nsd3 fine-tune --validation-fid-every: the trained model (rank {args.lora_rank} LoRA unfused, AdamW state)"
         f" and the VAE; --validation-batch-size 1 and {default} (the default)"

@@ -91,7 +91,7 @@ def test_generation_parts(memory):
         transformer.fuse_qkv_projections()
     joined = [p for n, p in transformer.named_parameters() if ".to_qkv." in n or ".to_added_qkv." in n]
     assert joined
-    blocks = sum(-(-p.numel() * p.element_size() // memory.CUDA_BLOCK) * memory.CUDA_BLOCK for p in joined)
+    blocks = sum(memory.allocator_bytes(p.numel() * p.element_size()) for p in joined)
     assert fused["resident"] - one["resident"] == blocks
 
 
@@ -118,8 +118,7 @@ def test_app_counts_encoders_once_and_capture_until_the_decode(memory, family):
     encoders = [e.to(torch.bfloat16) for e in tiny_encoders()]
     assert encoders[1].shared.weight is encoders[1].encoder.embed_tokens.weight  # tied: counted once
     tensors = [t for e in encoders for t in (*e.parameters(), *e.buffers())]
-    block = memory.CUDA_BLOCK
-    weights = sum(-(-t.numel() * t.element_size() // block) * block for t in tensors)
+    weights = sum(memory.allocator_bytes(t.numel() * t.element_size()) for t in tensors)
     assert (
         app["resident"] - plain["resident"] == weights
     )  # bf16 weights, int64 position ids, in allocator blocks
@@ -138,8 +137,7 @@ def test_validation_keeps_the_trained_model_and_its_optimizer_state(memory):
     with torch.device("meta"):
         trained = [p for p in memory.lora_transformer(config, False, rank).parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
-    block = memory.CUDA_BLOCK
-    lora = sum(-(-p.numel() * p.element_size() // block) * block for p in trained)
+    lora = sum(memory.allocator_bytes(p.numel() * p.element_size()) for p in trained)
     assert validation["resident"] - plain["resident"] == 3 * lora  # the LoRA, AdamW's exp_avg and exp_avg_sq
     # the unfused LoRA's products (and its float32 inputs) add to the transformer's activations
     assert validation["denoise"] - validation["resident"] > plain["denoise"] - plain["resident"]
