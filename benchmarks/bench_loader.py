@@ -11,7 +11,8 @@ compute-prompt-embeds write, so the real dataset checks them.
 * ``ours``: ``sd3 fine-tune``'s loader (``recipe.build_dataset`` + ``recipe.build_loader``, the training sampler,
   ``--dataloader-num-workers`` default): each worker reads only the tensors a sample needs, keeps embeddings
   float16 and draws the sample's diffusion noise and noise level; a worker reuses its shared batch buffers once
-  the main process has copied a batch out (``unpack`` here; on CUDA the loader's pinning thread does that copy).
+  the main process is done with a batch (``unpack`` here gives views of the buffer, no copy, and the buffer goes
+  back when they are dropped; on CUDA the loader's pinning thread copies the batch out).
 * ``plain``: a straightforward per-sample loader with the same workers: reads every tensor of the four files,
   converts to float32, joins, and draws the noise in the training loop (main process), one sample at a time.
 

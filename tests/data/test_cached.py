@@ -303,8 +303,8 @@ def _assert_same_batch(got: dict, want: dict) -> None:
 @pytest.mark.parametrize("hold", [False, True], ids=["unpack-as-they-come", "hold-then-unpack"])
 def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
     """Loader workers hand over one shared buffer per batch (collate_packed) and reuse it once the main process
-    has copied the batch out; unpack gives collate's batch whether batches are unpacked as they come (buffers
-    reused) or all held first (every pooled buffer busy: the workers take one-off buffers)."""
+    is done with the batch; unpack gives collate's batch whether batches are unpacked and dropped as they come
+    (buffers reused) or all held first (every pooled buffer busy: the workers take one-off buffers)."""
     from sd3_lora_celeba.data import cached
     from sd3_lora_celeba.data.cached import PackedBatch, collate_packed, unpack
     from sd3_lora_celeba.train.flow import NoiseDraw
@@ -318,11 +318,14 @@ def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
     )
     buffers = set()
     batches = []
-    for batch in loader:
+    for batch, item in zip(loader, items, strict=True):
         assert isinstance(batch, PackedBatch)  # one buffer came over, not one tensor per key
         buffers.add(batch.buffer.data_ptr())
-        batches.append(batch if hold else unpack(batch))
-    for batch, item in zip(batches, items, strict=True):
+        if hold:
+            batches.append(batch)
+        else:  # unpacked, checked and dropped: the buffer goes back to its worker
+            _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
+    for batch, item in zip(batches, items if hold else [], strict=True):  # the held ones
         _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
     # The main process keeps the pooled buffers of this loader's two workers only (earlier loaders' are dropped),
     # and none once its workers are gone.
@@ -363,6 +366,47 @@ def test_pinning_copies_the_batch_out_and_frees_the_worker_buffer(world, monkeyp
     with multiprocessing.get_context("fork").Pool(1) as pool:
         child_ptr = pool.apply(_fresh_slot_pointer)
     assert child_ptr != first.buffer.data_ptr()
+
+
+def test_unpacking_without_pinning_keeps_the_worker_buffer_until_the_batch_is_dropped(world, monkeypatch):
+    """The CPU path: unpack gives views of the worker's buffer (no copy), and the buffer goes back to the worker
+    only when nothing references the batch any more: not while the batch, one of its tensors, a view of one or
+    what to_device made of it on the CPU is alive."""
+    from sd3_lora_celeba.data import cached
+    from sd3_lora_celeba.train.recipe import to_device
+
+    monkeypatch.setattr(cached, "_pool", [])
+    monkeypatch.setattr(cached, "_pool_owner", None)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # collate as in a worker
+    dataset = CachedLatentsDataset(world["train"], world["empty"])
+    want = collate([dataset[(0, 1)], dataset[(1, 2)]])
+    first = cached.collate_packed([dataset[(0, 1)], dataset[(1, 2)]])
+    buffer = first.buffer
+
+    def state() -> int:
+        return int(cached._state(buffer))
+
+    batch = cached.unpack(first)
+    _assert_same_batch(batch, want)
+    start = batch["latents"].data_ptr() - buffer.data_ptr()
+    assert 0 < start < buffer.numel()  # a view into the worker's buffer, not a copy
+    again = cached.unpack(first)
+    assert again["latents"].data_ptr() == batch["latents"].data_ptr()
+    on_device = to_device(batch, torch.device("cpu"), torch.float32)
+    latents_row = on_device["latents"][1]
+    del batch, again, on_device
+    assert state() == cached._IN_USE
+    busy = cached.collate_packed([dataset[(2, 3)], dataset[(3, 4)]])
+    assert busy.buffer.data_ptr() != buffer.data_ptr()  # not refilled while a row of the batch is referenced
+    assert torch.equal(latents_row, want["latents"][1])
+    del latents_row
+    assert state() == cached._IN_USE  # the batch itself is still referenced
+    del first
+    assert state() == cached._FREE
+    third = cached.collate_packed([dataset[(4, 5)], dataset[(0, 6)]])
+    assert third.buffer.data_ptr() == buffer.data_ptr()  # reused
+    _assert_same_batch(cached.unpack(third), collate([dataset[(4, 5)], dataset[(0, 6)]]))
+    _assert_same_batch(cached.unpack(busy), collate([dataset[(2, 3)], dataset[(3, 4)]]))
 
 
 def _fresh_slot_pointer() -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,9 +472,10 @@ class PackedBatch:
     A worker hands each tensor to the main process separately (a socket round trip per tensor), which cost more
     than reading the sample; one buffer per batch is one hand-over. The worker reuses its buffers: the first
     batch in a pooled buffer carries it, later ones only its key (the main process keeps the buffers it has
-    received, :data:`_received`). The worker refills a buffer only once the main process has copied the batch
-    out, in :meth:`pin_memory` (the loader's pinning thread, CUDA) or :meth:`unpack` (no pinning), which then
-    mark it free; nothing reads a buffer after marking it free.
+    received, :data:`_received`). The worker refills a buffer only once the main process is done with it:
+    :meth:`pin_memory` (the loader's pinning thread, CUDA) copies the batch out and marks it free at once;
+    :meth:`unpack` (no pinning) gives views of the buffer and marks it free when the last of them is freed.
+    Nothing reads a buffer after it is marked free.
     """
 
     def __init__(
@@ -500,23 +502,30 @@ class PackedBatch:
             _received[self.key] = self.buffer
         self.send_buffer = True  # pickled again (another process): carry the buffer
 
-    def _private_copy(self, copy: Callable[[Tensor], Tensor]) -> PackedBatch:
+    def pin_memory(self, device: object = None) -> PackedBatch:
         if not self.shared:
             return self
-        private = copy(self.buffer)
+        pinned = self.buffer.pin_memory()
         _state(self.buffer).fill_(_FREE)  # the worker may overwrite it from now on
-        return PackedBatch(self.fields, private, self.layout, shared=False)
-
-    def pin_memory(self, device: object = None) -> PackedBatch:
-        return self._private_copy(Tensor.pin_memory)
+        return PackedBatch(self.fields, pinned, self.layout, shared=False)
 
     def unpack(self) -> dict:
-        """The batch as :func:`collate` gives it (views of a private copy of the buffer)."""
-        batch = self._private_copy(Tensor.clone)
-        out = dict(batch.fields)
-        for key, dtype, shape, start in batch.layout:
-            out[key] = _view(batch.buffer, dtype, shape, start)
+        """The batch as :func:`collate` gives it, as views of the buffer: no copy. A worker's buffer goes back to
+        it once none of the views (nor anything viewing them) is referenced any more."""
+        if self.shared:
+            self.buffer, self.shared = _lease(self.buffer), False  # unpacked again: the same lease
+        out = dict(self.fields)
+        for key, dtype, shape, start in self.layout:
+            out[key] = _view(self.buffer, dtype, shape, start)
         return out
+
+
+def _lease(buffer: Tensor) -> Tensor:
+    """A new tensor on ``buffer``'s memory that marks the buffer free when the last tensor sharing its storage
+    is freed. The storage holds the numpy array it was made from, so the array's finalizer runs exactly then."""
+    array = buffer.numpy()
+    weakref.finalize(array, _state(buffer).fill_, _FREE).atexit = False
+    return torch.frombuffer(array, dtype=torch.uint8)
 
 
 def collate_packed(samples: list[dict]) -> dict | PackedBatch:
