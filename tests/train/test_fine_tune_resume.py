@@ -226,3 +226,38 @@ def test_a_second_signal_stops_at_once(tiny_world, tiny_sd3, tmp_path):
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert [p.name for p in layout.list_checkpoints(run_dir)] == ["checkpoint-000002"]
     assert "Traceback" not in proc.stderr and "second SIGTERM" in proc.stderr
+
+
+_LOADER_HELD_AT_EXIT = """
+import os, signal, torch
+from pathlib import Path
+from sd3_lora_celeba.data.cached import unpack
+from sd3_lora_celeba.train.recipe import FineTuneConfig, build_loader
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return {"id": str(i), "variant": "v", "latents": torch.full((2,), float(i))}
+
+config = FineTuneConfig(train_dir=Path("."), empty_prompt_dir=Path("."), model_name="m", dataloader_num_workers=2)
+batches = iter(build_loader(config, Items(), [[0], [1]] * 50, torch.device("cpu")))
+unpack(next(batches)), unpack(next(batches))  # one from each worker: both have set their signal handling
+for worker in batches._workers:  # what a job scheduler does: signal every process of the job
+    os.kill(worker.pid, signal.SIGTERM)
+print([int(unpack(next(batches))["latents"][0, 0]) for _ in range(6)], flush=True)
+# the script ends with the loader and its workers still referenced
+"""
+
+
+def test_loader_workers_ignore_sigterm_yet_never_hold_up_the_exit(tmp_path):
+    """Workers leave SIGTERM to the main process (it finishes the step); multiprocessing's exit handler ends them
+    with SIGTERM as well, and before the fix a loader still referenced at exit hung the process for good."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LOADER_HELD_AT_EXIT], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit while its loader workers were alive")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[0,", "1,", "0,", "1,", "0,", "1]"]  # both workers kept serving batches

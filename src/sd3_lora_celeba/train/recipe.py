@@ -32,8 +32,10 @@ starts a single process (accelerate's simple launcher); ``ACCELERATE_USE_CPU=1 a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -462,10 +464,33 @@ def apply_optimizer_options(config: FineTuneConfig, optimizer, lr_scheduler) -> 
             group["lr"] = config.learning_rate * lr_scheduler.lr_lambdas[0](lr_scheduler.last_epoch)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes the step and checkpoints."""
+def _ignore_stop_signals(exiting, _worker_id: int) -> None:
+    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes the step and checkpoints; once
+    the main process is exiting (``exiting`` set), SIGTERM ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_exit_if_main_exits, exiting))
+
+
+def _exit_if_main_exits(exiting, _signum, _frame) -> None:
+    if exiting.value:
+        os._exit(0)  # a worker only reads caches: nothing to clean up
+
+
+@functools.cache
+def _main_exiting():
+    """A flag shared with the loader workers, set at interpreter exit before multiprocessing's own exit handler
+    runs. That handler sends SIGTERM to daemonic children and then waits for them: without the flag the workers
+    would ignore it, and a loader still referenced at exit would hang the process for good."""
+    import multiprocessing
+    import multiprocessing.util
+
+    exiting = multiprocessing.RawValue("b", 0)
+    multiprocessing.util.Finalize(None, _set_flag, (exiting,), exitpriority=0)
+    return exiting
+
+
+def _set_flag(flag) -> None:
+    flag.value = 1
 
 
 def build_loader(config: FineTuneConfig, dataset, sampler: ResumableBatchSampler, device: torch.device):
@@ -478,7 +503,11 @@ def build_loader(config: FineTuneConfig, dataset, sampler: ResumableBatchSampler
         collate_fn=collate_packed,  # one shared buffer per batch from a worker; to_device unpacks it
         num_workers=config.dataloader_num_workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_stop_signals if config.dataloader_num_workers else None,
+        worker_init_fn=(
+            functools.partial(_ignore_stop_signals, _main_exiting())
+            if config.dataloader_num_workers
+            else None
+        ),
     )
 
 
