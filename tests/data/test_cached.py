@@ -325,8 +325,9 @@ def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
             batches.append(batch)
         else:  # unpacked, checked and dropped: the buffer goes back to its worker
             _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
-    for batch, item in zip(batches, items if hold else [], strict=True):  # the held ones
-        _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
+    if hold:
+        for batch, item in zip(batches, items, strict=True):
+            _assert_same_batch(unpack(batch), collate([dataset[i] for i in item]))
     # The main process keeps the pooled buffers of this loader's two workers only (earlier loaders' are dropped),
     # and none once its workers are gone.
     assert len({key[:2] for key in cached._received}) == 2

@@ -485,12 +485,8 @@ def _main_exiting():
     import multiprocessing.util
 
     exiting = multiprocessing.RawValue("b", 0)
-    multiprocessing.util.Finalize(None, _set_flag, (exiting,), exitpriority=0)
+    multiprocessing.util.Finalize(None, setattr, (exiting, "value", 1), exitpriority=0)
     return exiting
-
-
-def _set_flag(flag) -> None:
-    flag.value = 1
 
 
 def build_loader(config: FineTuneConfig, dataset, sampler: ResumableBatchSampler, device: torch.device):
