@@ -19,7 +19,8 @@ SD3.5-large costs seconds and no memory, and counts the bytes of every tensor st
 * Validation FID during fine-tuning (``--validation-fid-every``): generation as above, with the trained
   transformer (its LoRA unfused, under bf16 autocast) and AdamW's state resident.
 * The attention app, as ``visualize-attention-weights`` runs on CUDA: the whole bf16 pipeline resident (the
-  three text encoders too), its default attention capture during one guided generation, then the decode.
+  three text encoders too), its default attention capture during one guided generation, then the decode; and
+  its peak with ``--offload model``, where only the running model is on the device.
 * All of them: PyTorch's fused attention (its forward keeps only the output and the log-sum-exp, as the CUDA kernels
   do), and sizes rounded up to the CUDA caching allocator's 512-byte blocks.
 * Left out: kernel workspaces (cuBLAS keeps a few MiB to tens of MiB), the gap between allocated and reserved
@@ -279,12 +280,13 @@ def estimate_generation(
         trained = [p for p in transformer.parameters() if p.requires_grad] if validation_rank else []
         adam_states = [torch.zeros_like(p) for p in trained for _ in range(2)]  # exp_avg, exp_avg_sq
         tracker = LiveBytes()
-        for tensor in [
-            *(t for m in models for t in (*m.parameters(), *m.buffers())),
-            *adam_states,
-            latents,
-            *call.values(),
-        ]:
+        weights = []  # bytes of each model, in the order of ``models``
+        for model in models:
+            before = tracker.live
+            for tensor in (*model.parameters(), *model.buffers()):
+                tracker.track(tensor)
+            weights.append(tracker.live - before)
+        for tensor in [*adam_states, latents, *call.values()]:
             tracker.track(tensor)
         resident = tracker.live
         autocast = torch.autocast("cpu", torch.bfloat16, enabled=bool(validation_rank))
@@ -303,12 +305,21 @@ def estimate_generation(
             image = vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W)
             del image
             decode = tracker.peak
+    transformer_bytes, vae_bytes, *encoder_bytes = weights
+    # The app with --offload model: only the running model is on the device (the encoders one at a time, their
+    # few MiB of activations left out); the captured maps stay through the decode.
+    offload_peak = max(
+        denoise - vae_bytes - sum(encoder_bytes),
+        decode - transformer_bytes - sum(encoder_bytes),
+        *encoder_bytes,
+    )
     return {
         "resident": resident,
         "captured": captured,
         "denoise": denoise,
         "decode": decode,
         "peak": max(denoise, decode),
+        "offload_peak": offload_peak,
     }
 
 
@@ -366,11 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\nsd3 visualize-attention-weights: the whole bf16 pipeline (three text encoders too), the default capture"
     )
-    print(f"{'family':14s}{'resident':>10s}{'captured':>10s}{'denoise':>9s}{'decode':>8s}{'peak':>8s}")
+    print(
+        f"{'family':14s}{'resident':>10s}{'captured':>10s}{'denoise':>9s}{'decode':>8s}{'peak':>8s}"
+        f"{'peak, --offload model':>23s}"
+    )
     for family in families:
         e = estimate_generation(TRANSFORMER_CONFIGS[family], SD3_VAE, 1, app_encoders=text_encoders)
         print(f"{family:14s}{e['resident'] / GIB:10.2f}{e['captured'] / GIB:10.2f}{e['denoise'] / GIB:9.2f}"
-              f"{e['decode'] / GIB:8.2f}{e['peak'] / GIB:8.2f}")  # fmt: skip
+              f"{e['decode'] / GIB:8.2f}{e['peak'] / GIB:8.2f}{e['offload_peak'] / GIB:23.2f}")  # fmt: skip
     return 0
 
 

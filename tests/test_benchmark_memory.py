@@ -124,6 +124,10 @@ def test_app_counts_encoders_once_and_capture_until_the_decode(memory, family):
     )  # bf16 weights, int64 position ids, in allocator blocks
     assert app["captured"] > 0 and plain["captured"] == 0
     assert app["decode"] - app["resident"] >= plain["decode"] - plain["resident"] + app["captured"]
+    # --offload model: the encoders are never beside the transformer, nor the transformer beside the decode
+    each = [sum(memory.allocator_bytes(t.nbytes) for t in (*e.parameters(), *e.buffers())) for e in encoders]
+    assert max(each) <= app["offload_peak"] <= app["peak"] - weights
+    assert app["offload_peak"] >= app["captured"] + plain["decode"] - plain["resident"]
 
 
 def test_validation_keeps_the_trained_model_and_its_optimizer_state(memory):

@@ -249,3 +249,57 @@ def test_progress_per_model_and_step(explorer):
     assert [c[0] for c in calls] == list(range(1, 7)) and {c[1] for c in calls} == {6}
     assert calls[0][2] == "prompt 1, base, step 1" and calls[-1][2] == "prompt 1, checkpoint-000020, step 2"
     assert session.generation.blocks == (5,) and session.generation.steps == (1,)  # default steps: the last
+
+
+def test_model_offload_gives_the_same_images_and_maps(tiny_sd3, lora_dirs, explorer):
+    """``--offload model``: hooks move each model to the device only while it runs; LoRA switching and
+    capture work through them, and images and maps equal the resident explorer's."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sd3_lora_celeba.visualize.explorer import AttentionExplorer
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.transformer.eval()
+    length = explorer.max_sequence_length
+    offloaded = AttentionExplorer(pipe, lora_dirs, device="cpu", max_sequence_length=length, offload=True)
+    models = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae")
+    assert all(hasattr(getattr(pipe, name), "_hf_hook") for name in models)
+    call = dict(prompts=PROMPT, seed=3, num_inference_steps=2, guidance_scale=4.0, blocks=(1, 5), steps=(1,))
+    got, want = offloaded.generate(**call), explorer.generate(**call)
+    assert got.names == want.names == ["base", "checkpoint-000010", "checkpoint-000020"]
+    for a, b in zip(got.prompts[0].images, want.prompts[0].images, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    base, lora = (np.asarray(got.prompts[0].images[i], np.int16) for i in (0, 2))
+    assert np.abs(base - lora).max() > 0  # the adapter was switched on through the hooks
+    for a, b in zip(got.prompts[0].captured, want.prompts[0].captured, strict=True):
+        assert a.image_to_text.keys() == b.image_to_text.keys() == {(1, 1), (5, 1)}
+        for table in ("image_to_text", "text_to_image", "features"):
+            for key, value in getattr(a, table).items():
+                torch.testing.assert_close(value, getattr(b, table)[key], rtol=0, atol=0)
+    # every pipeline call ends by moving the models back and hooking them again
+    assert all(hasattr(getattr(pipe, name), "_hf_hook") for name in models)
+
+
+@pytest.mark.parametrize(
+    ("choice", "weights", "free", "expected"),
+    [
+        ("auto", 14 * 2**30, 79 * 2**30, False),  # SD3-medium on an 80 GB GPU
+        ("auto", 26 * 2**30, 23 * 2**30, True),  # SD3.5-large on a 24 GB GPU
+        ("auto", 14 * 2**30, 17 * 2**30, True),  # SD3-medium, workspace does not fit beside the weights
+        ("auto", 26 * 2**30, None, False),  # not CUDA
+        ("none", 26 * 2**30, 23 * 2**30, False),
+        ("model", 1, 79 * 2**30, True),
+    ],
+)
+def test_auto_offload_when_the_pipeline_does_not_fit(choice, weights, free, expected):
+    assert app_module.wants_offload(choice, weights, free) is expected
+
+
+def test_offload_options_are_checked(tiny_pipe):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["visualize-attention-weights", "--offload", "all"])
+    assert result.exit_code == 2 and "--offload" in result.output
+    with pytest.raises(app_module.InputError, match="--offload model: with --device cpu"):
+        app_module.load_explorer(VisualizeConfig(device="cpu", offload="model"))
+    weights = sum(p.nbytes for p in tiny_pipe.transformer.parameters())
+    assert app_module.pipeline_bytes(tiny_pipe) > weights > 0

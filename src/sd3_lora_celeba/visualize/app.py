@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,6 +27,11 @@ from sd3_lora_celeba.errors import InputError
 from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, Precision
 
 log = logging.getLogger(__name__)
+
+Offload = Literal["auto", "none", "model"]
+# Beside the weights, the default capture and one guided 1024-px generation needed 2.2-2.4 GiB in
+# benchmarks/estimate_memory.py; the rest is for the CUDA context, kernel workspaces and larger captures.
+APP_WORKSPACE_BYTES = 4 * 2**30
 
 DIRECTIONS = {
     "image -> text": "image_to_text",
@@ -59,6 +64,12 @@ class VisualizeConfig:
     )
     resolution: int | None = option(
         None, "Image side in pixels, a multiple of 16 [default: the model's native]."
+    )
+    offload: Offload = option(
+        "auto",
+        "model: keep each model (text encoders, transformer, VAE) in CPU memory and move it to the GPU only "
+        "while it runs (diffusers' model offload; slower by the copies). auto: offload when the pipeline's "
+        "weights and the app's workspace do not fit in the GPU's free memory (SD3.5-large on a 24 GB GPU).",
     )
     max_sequence_length: int = option(
         256, "T5 prompt positions (SD3 default 256); longer prompts are refused."
@@ -93,6 +104,10 @@ def load_explorer(config: VisualizeConfig):
     from sd3_lora_celeba.visualize.explorer import AttentionExplorer
 
     device = resolve_device(config.device)
+    if config.offload == "model" and device.type == "cpu":
+        raise InputError(
+            "--offload model: with --device cpu the models already stay in CPU memory; use --offload auto or none"
+        )
     enable_tf32()
     pipe = load_pretrained(
         StableDiffusion3Pipeline.from_pretrained,
@@ -101,13 +116,50 @@ def load_explorer(config: VisualizeConfig):
         revision=config.model_revision,
         dtype=resolve_dtype(config.precision or "auto", device),
     )
+    free = free_device_bytes(device)
+    offload = wants_offload(config.offload, pipeline_bytes(pipe), free)
+    if offload and config.offload == "auto":
+        log.info(
+            "the pipeline's weights (%.1f GiB) and the app's workspace (%.0f GiB) do not fit in %s's free memory "
+            "(%.1f GiB): each model moves to the GPU only while it runs (--offload none turns this off)",
+            pipeline_bytes(pipe) / 2**30,
+            APP_WORKSPACE_BYTES / 2**30,
+            device,
+            free / 2**30,
+        )
     return AttentionExplorer(
         pipe,
         config.lora_weight_dir,
         device=device,
         max_sequence_length=config.max_sequence_length,
         resolution=config.resolution,
+        offload=offload,
     )
+
+
+def pipeline_bytes(pipe) -> int:
+    """Bytes of the weights and buffers of every model of ``pipe`` (text encoders, transformer, VAE)."""
+    import torch
+
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    return sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def free_device_bytes(device) -> int | None:
+    """Free memory of a CUDA device (other processes' use counted); None for other devices."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def wants_offload(choice: Offload, weights: int, free: int | None) -> bool:
+    """Whether the app offloads its models: ``--offload model`` / ``none`` as asked; ``auto`` when the weights
+    plus :data:`APP_WORKSPACE_BYTES` exceed the device's free memory (never off CUDA: ``free`` is None)."""
+    if choice != "auto":
+        return choice == "model"
+    return free is not None and weights + APP_WORKSPACE_BYTES > free
 
 
 # --- session and callbacks: plain functions, tested without a browser -------------------------------------

@@ -231,14 +231,18 @@ class AttentionExplorer:
         device: str | torch.device = "cpu",
         max_sequence_length: int = 256,
         resolution: int | None = None,
+        offload: bool = False,
     ) -> None:
-        self.pipe = pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
-        # float32 on a CPU: the linears run on oneDNN (models/cpu_linear.py), text encoders included
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(pipe, name, None) is not None:
-                use_onednn_linears(getattr(pipe, name))
         self.device = torch.device(device)
+        self.offload = offload
+        # With offload every model stays in CPU memory and moves to the device only while it runs.
+        self.pipe = pipe if offload else pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        if self.device.type == "cpu":
+            # float32 on a CPU: the linears run on oneDNN (models/cpu_linear.py), text encoders included
+            for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+                if getattr(pipe, name, None) is not None:
+                    use_onednn_linears(getattr(pipe, name))
         self.max_sequence_length = max_sequence_length
         self.resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
         self.adapters: dict[str, str] = {}  # model name -> adapter name
@@ -251,6 +255,10 @@ class AttentionExplorer:
             self._load_lora(Path(folder))
         if self.adapters:
             self.pipe.disable_lora()
+        if offload:
+            # After the LoRAs: diffusers' LoRA loading re-enables an offload it finds on its own default device.
+            # Each pipeline call ends by moving every model back to the CPU and hooking them again, on this device.
+            self.pipe.enable_model_cpu_offload(device=self.device)
 
     def _load_lora(self, folder: Path) -> None:
         from sd3_lora_celeba.models.lora import load_lora_into_pipeline, lora_delta_norms, lora_weights_file
