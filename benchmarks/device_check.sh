@@ -49,6 +49,7 @@ EOF
 run_tests() {
     python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 -m "not browser" \
         tests/models tests/train tests/sample tests/data tests/evaluate/test_fid.py tests/test_edges_cli.py \
+        tests/visualize/test_offload_gpu.py \
         2>&1 | tee "$OUT_DIR/tests.log"
 }
 
