@@ -278,6 +278,15 @@ def test_model_offload_gives_the_same_images_and_maps(tiny_sd3, lora_dirs, explo
                 torch.testing.assert_close(value, getattr(b, table)[key], rtol=0, atol=0)
     # every pipeline call ends by moving the models back and hooking them again
     assert all(hasattr(getattr(pipe, name), "_hf_hook") for name in models)
+    notes = {
+        kind: [
+            b.value
+            for b in app_module.build_app(VisualizeConfig(), ex).blocks.values()
+            if b.elem_id == "capture-note"
+        ]
+        for kind, ex in (("offloaded", offloaded), ("resident", explorer))
+    }
+    assert "CPU memory" in notes["offloaded"][0] and "CPU memory" not in notes["resident"][0]
 
 
 @pytest.mark.parametrize(

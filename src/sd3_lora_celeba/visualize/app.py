@@ -508,11 +508,17 @@ def _controls(gr, config: VisualizeConfig, explorer) -> dict:
         if explorer.dual_blocks
         else ""
     )
+    offloaded = (
+        " The models wait in CPU memory and move to the GPU only while they run (`--offload`): each Generate "
+        "copies them over."
+        if getattr(explorer, "offload", False)
+        else ""
+    )
     gr.Markdown(
         f"<small>Default capture, chosen for speed: blocks {_ranges(d_blocks)}, every "
         f"{DEFAULT_CAPTURE_STEP_STRIDE}th denoising step (the last included); `all` captures everything. "
         "Captured maps stay in this session (float16, at most 3 GiB, size shown after Generate); the boxes "
-        f"on the right choose among them without regenerating.{dual}</small>",
+        f"on the right choose among them without regenerating.{dual}{offloaded}</small>",
         elem_id="capture-note",
     )
     return c
