@@ -116,13 +116,13 @@ def load_explorer(config: VisualizeConfig):
         revision=config.model_revision,
         dtype=resolve_dtype(config.precision or "auto", device),
     )
-    free = free_device_bytes(device)
-    offload = wants_offload(config.offload, pipeline_bytes(pipe), free)
+    weights, free = pipeline_bytes(pipe), free_device_bytes(device)
+    offload = wants_offload(config.offload, weights, free)
     if offload and config.offload == "auto":
         log.info(
             "the pipeline's weights (%.1f GiB) and the app's workspace (%.0f GiB) do not fit in %s's free memory "
             "(%.1f GiB): each model moves to the GPU only while it runs (--offload none turns this off)",
-            pipeline_bytes(pipe) / 2**30,
+            weights / 2**30,
             APP_WORKSPACE_BYTES / 2**30,
             device,
             free / 2**30,
@@ -511,7 +511,7 @@ def _controls(gr, config: VisualizeConfig, explorer) -> dict:
     offloaded = (
         " The models wait in CPU memory and move to the GPU only while they run (`--offload`): each Generate "
         "copies them over."
-        if getattr(explorer, "offload", False)
+        if explorer.offload
         else ""
     )
     gr.Markdown(
