@@ -109,7 +109,7 @@ OOM_ADVICE: dict[str, str] = {
     "fid": "--batch-size",
     "fid-vs-step": "--batch-size and --fid-batch-size",
     "fid-vs-guidance": "--batch-size and --fid-batch-size",
-    "visualize-attention-weights": "--resolution, or use --precision float16",
+    "visualize-attention-weights": "--resolution, or use --offload model",
 }
 
 # Disk errors worth one line (the path and the fix) instead of a traceback.

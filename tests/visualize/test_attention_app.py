@@ -312,3 +312,46 @@ def test_offload_options_are_checked(tiny_pipe):
         app_module.load_explorer(VisualizeConfig(device="cpu", offload="model"))
     weights = sum(p.nbytes for p in tiny_pipe.transformer.parameters())
     assert app_module.pipeline_bytes(tiny_pipe) > weights > 0
+
+
+def test_out_of_memory_during_generate_gives_a_message_and_changes_nothing(explorer, monkeypatch):
+    """A Generate that runs out of device memory midway (here: the second model's first transformer call)
+    ends in one message, and the next Generate gives what it gave before: adapters and processors restored."""
+    call = (PROMPT, 5, 2, 4.0, "1,6", "")
+    before, message = generate_callback(explorer, *call)
+    assert before is not None, message
+    transformer = explorer.pipe.transformer
+    processors = {k: type(v) for k, v in transformer.attn_processors.items()}
+    forward, calls = transformer.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "forward", failing)
+    session, message = generate_callback(explorer, *call)
+    assert session is None and len(calls) == 3
+    assert "out of GPU memory during Generate" in _text(message) and "--offload model" in message
+    monkeypatch.undo()
+    assert {k: type(v) for k, v in transformer.attn_processors.items()} == processors
+    after, message = generate_callback(explorer, *call)
+    assert after is not None, message
+    for a, b in zip(after.generation.prompts, before.generation.prompts, strict=True):
+        for x, y in zip(a.images, b.images, strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(a.captured, b.captured, strict=True):
+            for key, value in x.image_to_text.items():
+                torch.testing.assert_close(value, y.image_to_text[key], rtol=0, atol=0)
+    offloaded = type("Offloaded", (), {"offload": True})()
+    assert "--offload model" not in app_module.out_of_memory_message(offloaded)
+
+
+def test_other_errors_during_generate_are_not_swallowed(explorer, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(explorer.pipe.transformer, "forward", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        generate_callback(explorer, PROMPT, 5, 2, 4.0, "", "")

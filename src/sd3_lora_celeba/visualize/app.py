@@ -231,12 +231,32 @@ def generate_callback(
         )
     except (InputError, ValueError) as exc:
         return None, error(exc.message if isinstance(exc, InputError) else str(exc))
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        return None, error(out_of_memory_message(explorer))
     session = Session(generation=generation)
     message = (
         f"Generated with seed {generation.seed}; captured blocks {_ranges(generation.blocks)} at steps "
         f"{_ranges(generation.steps)}; {_memory_line(generation)}. Click a word or a patch."
     )
     return session, note(message)
+
+
+def out_of_memory_message(explorer) -> str:
+    """What to do after a Generate ran out of device memory; the cached blocks the failed run held are freed
+    first, so the next Generate starts from the memory the app had before."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    fixes = "capture fewer blocks or steps, or compare fewer prompts"
+    if not explorer.offload:
+        fixes += ", or restart the app with --offload model"
+    return f"out of GPU memory during Generate: {fixes} (the models and LoRAs are unchanged)"
 
 
 def _ranges(values) -> str:
