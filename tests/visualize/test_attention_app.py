@@ -304,6 +304,32 @@ def test_auto_offload_when_the_pipeline_does_not_fit(choice, weights, free, expe
     assert app_module.wants_offload(choice, weights, free) is expected
 
 
+def test_auto_workspace_grows_with_the_image_tokens():
+    workspace = app_module.workspace_bytes
+    assert workspace(1024, 1024) == app_module.APP_WORKSPACE_BYTES
+    assert workspace(512, 1024) < workspace(768, 1024) < workspace(1024, 1024) < workspace(2048, 1024)
+    # the token-bound part scales with (resolution / native) ** 2, the fixed part does not
+    token_part = workspace(2048, 1024) - workspace(1024, 1024)
+    assert token_part == pytest.approx(3 * app_module.APP_TOKEN_BYTES, abs=1)
+    # SD3-medium (~14 GiB in bf16) fits a 24 GB GPU at 1024 px but not at 2048 px
+    weights, free = 14 * 2**30, 21 * 2**30
+    assert not app_module.wants_offload("auto", weights, free, workspace(1024, 1024))
+    assert app_module.wants_offload("auto", weights, free, workspace(2048, 1024))
+
+
+def test_auto_offload_reads_the_resolution(tiny_sd3, tiny_pipe, monkeypatch):
+    """``load_explorer``: with free memory for the weights and the native workspace plus 1 GiB, ``auto`` keeps
+    the models resident at the native resolution and offloads them at twice its side."""
+    native = tiny_pipe.default_sample_size * tiny_pipe.vae_scale_factor
+    free = app_module.pipeline_bytes(tiny_pipe) + app_module.workspace_bytes(native, native) + 2**30
+    monkeypatch.setattr(app_module, "free_device_bytes", lambda device: free)
+    config = dict(model_name=str(tiny_sd3), device="cpu", max_sequence_length=16)
+    resident = app_module.load_explorer(VisualizeConfig(**config))
+    offloaded = app_module.load_explorer(VisualizeConfig(**config, resolution=2 * native))
+    assert (resident.offload, offloaded.offload) == (False, True)
+    assert offloaded.resolution == 2 * native
+
+
 def test_offload_options_are_checked(tiny_pipe):
     runner = CliRunner()
     result = runner.invoke(cli, ["visualize-attention-weights", "--offload", "all"])

@@ -29,9 +29,19 @@ from sd3_lora_celeba.models.loading import DEFAULT_SD3_MODEL, SD3_MODEL_ENV, Pre
 log = logging.getLogger(__name__)
 
 Offload = Literal["auto", "none", "model"]
-# Beside the weights, the default capture and one guided 1024-px generation needed 2.2-2.4 GiB in
-# benchmarks/estimate_memory.py; the rest is for the CUDA context, kernel workspaces and larger captures.
+# Beside the weights, the default capture and one guided generation needed 2.2-2.4 GiB at the native
+# resolution in benchmarks/estimate_memory.py, and 8.7 GiB for SD3-medium at twice the side (4x the image
+# tokens: the decode's activations and the maps grow with them). The fixed rest is for the CUDA context, kernel
+# workspaces and larger captures. At the native resolution the two make 4 GiB.
 APP_WORKSPACE_BYTES = 4 * 2**30
+APP_TOKEN_BYTES = 2.4 * 2**30  # the part that scales with the number of image tokens
+
+
+def workspace_bytes(resolution: int, native: int) -> int:
+    """Memory the app needs beside the weights at ``resolution`` px: the native 4 GiB, with its token-bound
+    part scaled by the number of image tokens (``(resolution / native) ** 2``)."""
+    return int(APP_WORKSPACE_BYTES - APP_TOKEN_BYTES + APP_TOKEN_BYTES * (resolution / native) ** 2)
+
 
 DIRECTIONS = {
     "image -> text": "image_to_text",
@@ -116,14 +126,16 @@ def load_explorer(config: VisualizeConfig):
         revision=config.model_revision,
         dtype=resolve_dtype(config.precision or "auto", device),
     )
+    native = pipe.default_sample_size * pipe.vae_scale_factor
+    workspace = workspace_bytes(config.resolution or native, native)
     weights, free = pipeline_bytes(pipe), free_device_bytes(device)
-    offload = wants_offload(config.offload, weights, free)
+    offload = wants_offload(config.offload, weights, free, workspace)
     if offload and config.offload == "auto":
         log.info(
-            "the pipeline's weights (%.1f GiB) and the app's workspace (%.0f GiB) do not fit in %s's free memory "
+            "the pipeline's weights (%.1f GiB) and the app's workspace (%.1f GiB) do not fit in %s's free memory "
             "(%.1f GiB): each model moves to the GPU only while it runs (--offload none turns this off)",
             weights / 2**30,
-            APP_WORKSPACE_BYTES / 2**30,
+            workspace / 2**30,
             device,
             free / 2**30,
         )
@@ -154,12 +166,15 @@ def free_device_bytes(device) -> int | None:
     return torch.cuda.mem_get_info(device)[0]
 
 
-def wants_offload(choice: Offload, weights: int, free: int | None) -> bool:
+def wants_offload(
+    choice: Offload, weights: int, free: int | None, workspace: int = APP_WORKSPACE_BYTES
+) -> bool:
     """Whether the app offloads its models: ``--offload model`` / ``none`` as asked; ``auto`` when the weights
-    plus :data:`APP_WORKSPACE_BYTES` exceed the device's free memory (never off CUDA: ``free`` is None)."""
+    plus ``workspace`` (:func:`workspace_bytes`) exceed the device's free memory (never off CUDA: ``free`` is
+    None)."""
     if choice != "auto":
         return choice == "model"
-    return free is not None and weights + APP_WORKSPACE_BYTES > free
+    return free is not None and weights + workspace > free
 
 
 # --- session and callbacks: plain functions, tested without a browser -------------------------------------
