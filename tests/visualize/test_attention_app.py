@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -348,17 +349,21 @@ def test_out_of_memory_during_generate_gives_a_message_and_changes_nothing(explo
     assert before is not None, message
     transformer = explorer.pipe.transformer
     processors = {k: type(v) for k, v in transformer.attn_processors.items()}
-    forward, calls = transformer.forward, []
+    forward, calls, held, freed = transformer.forward, [], [], []
 
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
+            held.append(weakref.ref(kwargs["hidden_states"]))  # the failed run's latents, held by its frames
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(transformer, "forward", failing)
+    # the allocator's cache is emptied only after the failed run's tensors are gone
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(held[0]() is None))
     session, message = generate_callback(explorer, *call)
-    assert session is None and len(calls) == 3
+    assert session is None and len(calls) == 3 and freed == [True]
     assert "out of GPU memory during Generate" in _text(message) and "--offload model" in message
     monkeypatch.undo()
     assert {k: type(v) for k, v in transformer.attn_processors.items()} == processors

@@ -224,6 +224,7 @@ def generate_callback(
     """Render and capture. Returns (a new Session or None, message)."""
     from sd3_lora_celeba.visualize.explorer import MAX_SEED, parse_indices
 
+    out_of_memory = False
     try:
         seed_value = float(seed if seed is not None else 0)
         if not seed_value.is_integer() or not 0 <= seed_value <= MAX_SEED:
@@ -249,6 +250,8 @@ def generate_callback(
     except Exception as exc:
         if type(exc).__name__ != "OutOfMemoryError":
             raise
+        out_of_memory = True
+    if out_of_memory:  # out of the except block: its traceback, and the tensors its frames held, are gone
         return None, error(out_of_memory_message(explorer))
     session = Session(generation=generation)
     message = (
@@ -259,8 +262,9 @@ def generate_callback(
 
 
 def out_of_memory_message(explorer) -> str:
-    """What to do after a Generate ran out of device memory; the cached blocks the failed run held are freed
-    first, so the next Generate starts from the memory the app had before."""
+    """What to do after a Generate ran out of device memory. The memory the failed run held goes back to the
+    device first (its tensors are collected, the allocator's cached blocks released), so the next Generate
+    starts from the memory the app had before."""
     import gc
 
     import torch
