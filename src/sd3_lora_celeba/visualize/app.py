@@ -151,10 +151,9 @@ def load_explorer(config: VisualizeConfig):
 
 def pipeline_bytes(pipe) -> int:
     """Bytes of the weights and buffers of every model of ``pipe`` (text encoders, transformer, VAE)."""
-    import torch
+    from sd3_lora_celeba.visualize.explorer import pipeline_models
 
-    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
-    return sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
+    return sum(t.nbytes for m in pipeline_models(pipe) for t in (*m.parameters(), *m.buffers()))
 
 
 def free_device_bytes(device) -> int | None:

@@ -155,6 +155,11 @@ def parse_indices(text: str, upper: int, what: str) -> tuple[int, ...] | None:
     return tuple(sorted({i for a, b in spans for i in range(a, b + 1)}))
 
 
+def pipeline_models(pipe) -> list[torch.nn.Module]:
+    """The models of ``pipe`` (text encoders, transformer, VAE): its components that are modules."""
+    return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+
+
 def default_capture(num_blocks: int, num_steps: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The app's default capture set, chosen for speed: a few middle blocks, every few steps (last included)."""
     n = min(DEFAULT_CAPTURE_BLOCKS, num_blocks)
@@ -240,17 +245,15 @@ class AttentionExplorer:
         self.pipe.set_progress_bar_config(disable=True)
         if self.device.type == "cpu":
             # float32 on a CPU: the linears run on oneDNN (models/cpu_linear.py), text encoders included
-            for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-                if getattr(pipe, name, None) is not None:
-                    use_onednn_linears(getattr(pipe, name))
+            for model in pipeline_models(pipe):
+                use_onednn_linears(model)
         self.max_sequence_length = max_sequence_length
         self.resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
         self.adapters: dict[str, str] = {}  # model name -> adapter name
         self.norms: dict[str, dict[int, float]] = {}
         self.errors: list[str] = []
-        self._lock = (
-            threading.Lock()
-        )  # adapters are switched on the shared pipeline: one generation at a time
+        # adapters are switched on the shared pipeline: one generation at a time
+        self._lock = threading.Lock()
         for folder in lora_dirs:
             self._load_lora(Path(folder))
         if self.adapters:
