@@ -10,6 +10,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TQDM_MININTERVAL", "5")
+# The oneDNN linears on any CI machine (``auto`` picks them by CPU vendor: tests/models/test_cpu_linear.py).
+os.environ.setdefault("SD3_CPU_LINEARS", "onednn")
 
 import torch  # noqa: E402
 

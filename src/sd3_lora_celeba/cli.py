@@ -18,6 +18,7 @@ import warnings
 import click
 
 from sd3_lora_celeba import __version__
+from sd3_lora_celeba.config import cpu_linears_choice
 from sd3_lora_celeba.errors import InputError, Terminated
 
 # name -> (target "module:Config:function", one-line help)
@@ -301,6 +302,7 @@ def _quiet_early(ctx: click.Context, param: click.Parameter, value: bool) -> boo
 def cli(quiet: bool, verbose: bool, logging_style: str) -> None:
     """Fine-tune Stable Diffusion 3 with LoRA on CelebA faces, measure FID, and visualise attention."""
     setup_logging(quiet, logging_style, verbose)
+    cpu_linears_choice()  # a bad SD3_CPU_LINEARS fails here, before any model loads
 
 
 def main() -> None:

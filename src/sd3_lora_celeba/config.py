@@ -47,6 +47,22 @@ C = TypeVar("C")
 
 SEED_MAX = 2**32 - 1
 
+CPU_LINEARS_ENV = "SD3_CPU_LINEARS"
+CPU_LINEARS_CHOICES = ("auto", "onednn", "blas")
+
+
+def cpu_linears_choice() -> str:
+    """``SD3_CPU_LINEARS``: the float32 CPU linear kernel (``auto``, the default: by CPU; ``onednn``; ``blas``;
+    see :mod:`sd3_lora_celeba.models.cpu_linear`). Any other value is a one-line InputError."""
+    value = os.environ.get(CPU_LINEARS_ENV, "")
+    choice = value.strip().lower() or "auto"
+    if choice not in CPU_LINEARS_CHOICES:
+        raise InputError(
+            f"{CPU_LINEARS_ENV}={value!r} is not one of {', '.join(CPU_LINEARS_CHOICES)}; "
+            f"unset it to let the CPU decide"
+        )
+    return choice
+
 
 def option(
     default: Any = None,

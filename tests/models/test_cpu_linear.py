@@ -144,8 +144,64 @@ def test_fine_tune_chooses_onednn_unless_compiling():
         recipe.choose_kernels(model, recipe.FineTuneConfig(train_dir=".", empty_prompt_dir=".", **options))
         return type(model[0]).__name__
 
-    assert choose() == "OneDnnLinear"
+    assert choose() == "OneDnnLinear"  # SD3_CPU_LINEARS=onednn in the tests
     assert choose(compile=True) == "Linear"
+
+
+AMD_AVX512 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512bw\n"
+AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n"
+INTEL_AVX512 = (
+    "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx2 avx512f\n"
+)
+
+
+def test_auto_takes_onednn_where_it_measured_faster():
+    prefers = cpu_linear.cpu_prefers_onednn
+    assert prefers(AMD_AVX512) and prefers(AMD_AVX512, training=True)
+    # Intel: MKL's forward products win, oneDNN wins a training step (forward and backward)
+    assert not prefers(INTEL_AVX512) and prefers(INTEL_AVX512, training=True)
+    assert not prefers(AMD_AVX2) and not prefers(AMD_AVX2, training=True)
+    for other in ("", "CPU implementer\t: 0x41\nFeatures\t: fp asimd sve\n"):  # no /proc/cpuinfo; arm64
+        assert not prefers(other) and not prefers(other, training=True)
+
+
+@pytest.mark.parametrize(
+    "setting, cpuinfo, fine_tune, generate",
+    [
+        ("", AMD_AVX512, "OneDnnLinear", "OneDnnLinear"),
+        ("auto", INTEL_AVX512, "OneDnnLinear", "Linear"),
+        (" Auto ", AMD_AVX2, "Linear", "Linear"),
+        ("onednn", AMD_AVX2, "OneDnnLinear", "OneDnnLinear"),
+        ("blas", AMD_AVX512, "Linear", "Linear"),
+    ],
+)
+def test_the_pipeline_follows_the_cpu_or_the_environment(monkeypatch, setting, cpuinfo, fine_tune, generate):
+    from sd3_lora_celeba.train import recipe
+
+    monkeypatch.setenv("SD3_CPU_LINEARS", setting)
+    monkeypatch.setattr(cpu_linear, "_cpuinfo", lambda: cpuinfo)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    recipe.choose_kernels(model, recipe.FineTuneConfig(train_dir=".", empty_prompt_dir="."))
+    assert type(model[0]).__name__ == fine_tune
+    inference = torch.nn.Linear(2, 2)
+    swapped = cpu_linear.use_fast_cpu_linears(inference)  # what generate-images and the app call
+    assert swapped == (generate == "OneDnnLinear")
+    assert type(inference).__name__ == generate
+
+
+def test_a_bad_setting_is_one_line_before_any_command_runs(monkeypatch):
+    from click.testing import CliRunner
+
+    from sd3_lora_celeba.cli import cli
+    from sd3_lora_celeba.errors import InputError
+
+    monkeypatch.setenv("SD3_CPU_LINEARS", "mkl")
+    with pytest.raises(InputError, match="SD3_CPU_LINEARS='mkl' is not one of auto, onednn, blas"):
+        cpu_linear.onednn_chosen()
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "SD3_CPU_LINEARS='mkl'" in lines[0] and "unset it" in lines[0], result.output
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -1,10 +1,16 @@
 """Faster float32 linear layers on the CPU: the same products, computed by oneDNN instead of the BLAS.
 
 PyTorch sends a float32 ``nn.Linear`` on the CPU to its BLAS (MKL in the pip wheels). The oneDNN matmul that
-PyTorch also ships (the library behind its CPU convolutions) was faster on the AMD EPYC development machine: on
-one thread 96-105 against 79-93 GFLOP/s (a 2048-square product and the MM-DiT's feed-forward shape); what that
-gives the train-step and generate benchmarks is in the README's Benchmarks section. The results agree to
-float32 rounding (the order of the additions differs, as between two BLAS builds).
+PyTorch also ships (the library behind its CPU convolutions) was faster on AMD EPYC development machines with
+AVX-512: on one thread 96-105 against 79-93 GFLOP/s (a 2048-square product and the MM-DiT's feed-forward shape).
+On an Intel Xeon with AVX-512 MKL won the forward products (a mid-size transformer call 4.5% faster, every
+MM-DiT shape by 2-14%) but oneDNN won a training step's forward and backward (by 4.7%); on an AMD EPYC without
+AVX-512 a transformer call took 1.5% longer with oneDNN. So :func:`use_fast_cpu_linears`, what the pipeline
+calls, takes oneDNN for training on CPUs with AVX-512 and for inference on AMD CPUs with AVX-512
+(:func:`cpu_prefers_onednn`), and the BLAS everywhere else; the environment variable ``SD3_CPU_LINEARS``
+(``auto``, ``onednn``, ``blas``) overrides that. What it gives the train-step and generate benchmarks is in the
+README's Benchmarks section. The results agree to float32 rounding (the order of the additions differs, as
+between two BLAS builds).
 
 :func:`use_onednn_linears` gives every plain ``nn.Linear`` of a model the class :class:`OneDnnLinear`: a subclass
 with the same parameters and state dict, so peft wraps and saves it like any linear, and LoRA fusing writes into
@@ -17,6 +23,7 @@ matmul, and skips what is not needed (a frozen weight gets none).
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +106,42 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
             module.__class__ = OneDnnLinear
             count += 1
     return count
+
+
+def cpu_prefers_onednn(cpuinfo: str, training: bool = False) -> bool:
+    """The ``auto`` rule, from the text of ``/proc/cpuinfo``: oneDNN where it measured faster than MKL, that is
+    training on x86 CPUs with AVX-512 and inference on AMD ones with AVX-512; the BLAS everywhere else (Intel
+    inference, x86 without AVX-512, other architectures)."""
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.MULTILINE)
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+    if not (vendor and flags and "avx512f" in flags.group(1).split()):
+        return False
+    return training or vendor.group(1) == "AuthenticAMD"
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read(65536)  # the first processor's block is enough
+    except OSError:
+        return ""
+
+
+def onednn_chosen(training: bool = False) -> bool:
+    """Whether this run's float32 CPU linears go through oneDNN: ``SD3_CPU_LINEARS`` when set (``onednn``,
+    ``blas``), else the ``auto`` rule for this CPU and workload. A bad value is a one-line InputError
+    (:func:`~sd3_lora_celeba.config.cpu_linears_choice`, which the ``sd3`` command checks first thing)."""
+    from sd3_lora_celeba.config import cpu_linears_choice
+
+    choice = cpu_linears_choice()
+    if choice == "blas" or not onednn_available():
+        return False
+    return choice == "onednn" or cpu_prefers_onednn(_cpuinfo(), training)
+
+
+def use_fast_cpu_linears(model: torch.nn.Module, training: bool = False) -> int:
+    """The pipeline's choice of CPU linear kernel (``training``: fine-tune's step, forward and backward; else
+    inference): :func:`use_onednn_linears` where :func:`onednn_chosen`, otherwise nothing (the stock BLAS path);
+    returns how many linears were swapped."""
+    return use_onednn_linears(model) if onednn_chosen(training) else 0

@@ -371,7 +371,7 @@ def load_generation_pipeline(
 
     ``fuse_qkv``: fused q/k/v projections on CUDA; a caller that changes the LoRA later must then do it with
     :func:`swap_lora` (a LoRA loaded directly would not reach the fused copies)."""
-    from sd3_lora_celeba.models.cpu_linear import use_onednn_linears
+    from sd3_lora_celeba.models.cpu_linear import use_fast_cpu_linears
     from sd3_lora_celeba.models.loading import load_pipeline_without_text_encoders
 
     if lora_weight_dir is not None:
@@ -384,8 +384,8 @@ def load_generation_pipeline(
     if compile:
         compile_transformer(pipe.transformer)
     else:
-        use_onednn_linears(pipe.transformer)  # float32 on a CPU: oneDNN's products, faster than the BLAS
-        use_onednn_linears(pipe.vae)
+        use_fast_cpu_linears(pipe.transformer)  # float32 on a CPU: oneDNN's products where they are faster
+        use_fast_cpu_linears(pipe.vae)
     return pipe
 
 

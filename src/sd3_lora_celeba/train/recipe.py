@@ -408,13 +408,13 @@ def use_gradient_checkpointing(config: FineTuneConfig) -> bool:
 
 def choose_kernels(transformer, config: FineTuneConfig) -> None:
     """``--compile``: regional ``torch.compile``. Otherwise the float32 linears of a CPU run go through oneDNN
-    (:mod:`~sd3_lora_celeba.models.cpu_linear`; same products, faster than the BLAS on the CPUs measured)."""
-    from sd3_lora_celeba.models.cpu_linear import use_onednn_linears
+    where it is faster than the BLAS (:mod:`~sd3_lora_celeba.models.cpu_linear`; same products)."""
+    from sd3_lora_celeba.models.cpu_linear import use_fast_cpu_linears
 
     if config.compile:
         compile_blocks(transformer)
     elif not config.quantize_base:
-        use_onednn_linears(transformer)
+        use_fast_cpu_linears(transformer, training=True)
 
 
 def compile_blocks(transformer, backend: str = "inductor") -> None:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from sd3_lora_celeba.errors import InputError
-from sd3_lora_celeba.models.cpu_linear import use_onednn_linears
+from sd3_lora_celeba.models.cpu_linear import use_fast_cpu_linears
 from sd3_lora_celeba.models.loading import CLIP_MAX_LENGTH
 from sd3_lora_celeba.visualize.capture import CapturedAttention, capture_attention, dual_blocks
 
@@ -244,9 +244,10 @@ class AttentionExplorer:
         self.pipe = pipe if offload else pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         if self.device.type == "cpu":
-            # float32 on a CPU: the linears run on oneDNN (models/cpu_linear.py), text encoders included
+            # float32 on a CPU: the linears run on oneDNN where it is faster (models/cpu_linear.py), text
+            # encoders included
             for model in pipeline_models(pipe):
-                use_onednn_linears(model)
+                use_fast_cpu_linears(model)
         self.max_sequence_length = max_sequence_length
         self.resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
         self.adapters: dict[str, str] = {}  # model name -> adapter name
