@@ -68,7 +68,22 @@ def device_report() -> list[str]:
         lines.append("mps (Apple GPU)")
     else:
         lines.append(f"cpu only ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    lines.append(cpu_linears_line())
     return lines
+
+
+def cpu_linears_line() -> str:
+    """Which kernel the float32 CPU linears take here (models/cpu_linear.py), for fine-tuning and inference."""
+    from sd3_lora_celeba.config import cpu_linears_choice
+    from sd3_lora_celeba.models.cpu_linear import onednn_chosen
+
+    def kind(training: bool) -> str:
+        return "oneDNN" if onednn_chosen(training) else "BLAS"
+
+    return (
+        f"float32 CPU linears: fine-tune {kind(True)}, inference {kind(False)} "
+        f"(SD3_CPU_LINEARS={cpu_linears_choice()})"
+    )
 
 
 def model_reachability(model: str, timeout: float) -> tuple[bool, str]:

@@ -186,6 +186,10 @@ def test_the_pipeline_follows_the_cpu_or_the_environment(monkeypatch, setting, c
     inference = torch.nn.Linear(2, 2)
     swapped = cpu_linear.use_fast_cpu_linears(inference)  # what generate-images and the app call
     assert swapped == (generate == "OneDnnLinear")
+    from sd3_lora_celeba.doctor import cpu_linears_line
+
+    kinds = {"OneDnnLinear": "oneDNN", "Linear": "BLAS"}
+    assert f"fine-tune {kinds[fine_tune]}, inference {kinds[generate]}" in cpu_linears_line()  # sd3 doctor
     assert type(inference).__name__ == generate
 
 
