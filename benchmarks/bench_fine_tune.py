@@ -12,7 +12,7 @@ on CUDA the frozen weights in bf16 with bf16 autocast (what the diffusers script
 * ``ours``: :func:`sd3_lora_celeba.train.recipe.train_step`, the step ``sd3 fine-tune`` runs (noise and noise
   levels come with the batch, as the loader workers draw them; one host sync per step), with the recipe's
   accelerator, optimizer, schedule and kernels (:func:`~sd3_lora_celeba.train.recipe.choose_kernels`: on a CPU
-  the float32 linears through oneDNN); ``ours --compile`` takes the recipe's regional ``torch.compile`` instead.
+  the float32 linears through oneDNN where it is faster); ``ours --compile`` takes the recipe's regional ``torch.compile`` instead.
 * ``plain``: the diffusers SD3 LoRA script's step written plainly: noise and density drawn in the loop,
   ``compute_density_for_timestep_sampling`` + scheduler lookup, ``accelerator.autocast`` via accelerate's mixed
   precision, ``accelerator.backward``, ``accelerator.clip_grad_norm_``, AdamW, ``lr_scheduler.step``.
@@ -109,7 +109,7 @@ def ours_step_fn(model, inputs: dict, mixed: str, compile_model: bool):
         train_dir=".", empty_prompt_dir=".", logit_mean=-0.5, lr_warmup_steps=0, compile=compile_model
     )
     accelerator = _accelerator(mixed)
-    recipe.choose_kernels(model, config)  # --compile's regional compile, or oneDNN linears on a CPU
+    recipe.choose_kernels(model, config)  # --compile's regional compile, or the CPU linear rule
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = recipe.build_optimizer(config, params, accelerator.device)
     lr_scheduler = recipe.build_lr_scheduler(config, optimizer)
