@@ -27,7 +27,9 @@ SD3.5-large costs seconds and no memory, and counts the bytes of every tensor st
   memory (fragmentation) and the CUDA context (~0.5 GiB, outside ``max_memory_allocated`` too).
 
 ``tests/test_benchmark_memory.py`` checks the counting against PyTorch's own allocator on real CPU tensors (the
-profiler's memory events, within 2%) and the fake run against a real one on small models (equal bytes).
+profiler's memory events, within 2%, with oneDNN off: on CPUs without native bf16 its bf16 products take fp32
+scratch buffers from the allocator, a kernel workspace) and the fake run against a real one on small models
+(equal bytes).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -48,13 +50,28 @@ def allocator_peak_rise(step) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def without_onednn():
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 @pytest.mark.parametrize("family", list(SMALL))
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_counted_peak_is_the_allocators(memory, family, checkpointing):
-    _, step, kept = real_step(memory, SMALL[family], checkpointing)
-    start, peak = memory.peak_bytes(step, kept, steps=1, block=1)
-    with memory.cuda_autocast_norms():
-        rise = allocator_peak_rise(step)
+    # Without oneDNN: on a CPU with no native bf16 (no avx512_bf16), its bf16 products take an fp32 scratch
+    # buffer from PyTorch's allocator inside the kernel (1.5 MB for a 1000 x 384 output), which no tensor holds;
+    # the estimate leaves kernel workspaces out by design, as it does cuBLAS's. PyTorch's own bf16 kernels take
+    # none, so what is compared is the tensors alone, on any CPU.
+    with without_onednn():
+        _, step, kept = real_step(memory, SMALL[family], checkpointing)
+        start, peak = memory.peak_bytes(step, kept, steps=1, block=1)
+        with memory.cuda_autocast_norms():
+            rise = allocator_peak_rise(step)
     assert rise > 2**20
     assert peak - start == pytest.approx(rise, rel=0.02)
 
