@@ -148,11 +148,14 @@ def test_fine_tune_chooses_onednn_unless_compiling():
     assert choose(compile=True) == "Linear"
 
 
-AMD_AVX512 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512bw\n"
-AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n"
-INTEL_AVX512 = (
-    "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx2 avx512f\n"
-)
+def _cpuinfo(vendor: str, flags: str) -> str:
+    """The start of a /proc/cpuinfo of one x86 processor."""
+    return f"processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: some CPU\nflags\t\t: {flags}\n"
+
+
+AMD_AVX512 = _cpuinfo("AuthenticAMD", "fpu avx2 avx512f avx512bw")
+AMD_AVX2 = _cpuinfo("AuthenticAMD", "fpu avx2 fma")
+INTEL_AVX512 = _cpuinfo("GenuineIntel", "fpu avx2 avx512f")
 
 
 def test_auto_takes_onednn_where_it_measured_faster():
@@ -176,6 +179,7 @@ def test_auto_takes_onednn_where_it_measured_faster():
     ],
 )
 def test_the_pipeline_follows_the_cpu_or_the_environment(monkeypatch, setting, cpuinfo, fine_tune, generate):
+    from sd3_lora_celeba.doctor import cpu_linears_line
     from sd3_lora_celeba.train import recipe
 
     monkeypatch.setenv("SD3_CPU_LINEARS", setting)
@@ -186,11 +190,9 @@ def test_the_pipeline_follows_the_cpu_or_the_environment(monkeypatch, setting, c
     inference = torch.nn.Linear(2, 2)
     swapped = cpu_linear.use_fast_cpu_linears(inference)  # what generate-images and the app call
     assert swapped == (generate == "OneDnnLinear")
-    from sd3_lora_celeba.doctor import cpu_linears_line
-
+    assert type(inference).__name__ == generate
     kinds = {"OneDnnLinear": "oneDNN", "Linear": "BLAS"}
     assert f"fine-tune {kinds[fine_tune]}, inference {kinds[generate]}" in cpu_linears_line()  # sd3 doctor
-    assert type(inference).__name__ == generate
 
 
 def test_a_bad_setting_is_one_line_before_any_command_runs(monkeypatch):

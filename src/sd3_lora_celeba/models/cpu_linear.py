@@ -28,6 +28,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from sd3_lora_celeba.config import cpu_linears_choice
+
 
 @functools.cache
 def onednn_available() -> bool:
@@ -132,8 +134,6 @@ def onednn_chosen(training: bool = False) -> bool:
     """Whether this run's float32 CPU linears go through oneDNN: ``SD3_CPU_LINEARS`` when set (``onednn``,
     ``blas``), else the ``auto`` rule for this CPU and workload. A bad value is a one-line InputError
     (:func:`~sd3_lora_celeba.config.cpu_linears_choice`, which the ``sd3`` command checks first thing)."""
-    from sd3_lora_celeba.config import cpu_linears_choice
-
     choice = cpu_linears_choice()
     if choice == "blas" or not onednn_available():
         return False
