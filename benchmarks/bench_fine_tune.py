@@ -12,8 +12,8 @@ on CUDA the frozen weights in bf16 with bf16 autocast (what the diffusers script
 * ``ours``: :func:`sd3_lora_celeba.train.recipe.train_step`, the step ``sd3 fine-tune`` runs (noise and noise
   levels come with the batch, as the loader workers draw them; one host sync per step), with the recipe's
   accelerator, optimizer, schedule and kernels (:func:`~sd3_lora_celeba.train.recipe.choose_kernels`: on a CPU
-  the float32 linears through oneDNN where it is faster); ``ours --compile`` takes the recipe's regional
-  ``torch.compile`` instead.
+  the float32 linears through oneDNN where it is faster, and each LoRA linear as one autograd function);
+  ``ours --compile`` takes the recipe's regional ``torch.compile`` instead.
 * ``plain``: the diffusers SD3 LoRA script's step written plainly: noise and density drawn in the loop,
   ``compute_density_for_timestep_sampling`` + scheduler lookup, ``accelerator.autocast`` via accelerate's mixed
   precision, ``accelerator.backward``, ``accelerator.clip_grad_norm_``, AdamW, ``lr_scheduler.step``.

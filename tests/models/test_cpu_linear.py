@@ -246,3 +246,161 @@ def test_an_sd3_lora_step_gives_the_same_gradients(calls, checkpointing):
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
     assert calls
+
+
+# --- LoRA linears as one autograd function ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def lora_calls(monkeypatch) -> list[bool]:
+    """One entry per call of the LoRA function (whether its products went through oneDNN)."""
+    seen: list[bool] = []
+    real = cpu_linear._LoraLinearFunction.apply
+
+    def counting(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(cpu_linear._LoraLinearFunction, "apply", counting)
+    return seen
+
+
+def _lora_pair(alpha: int = 8, dropout: float = 0.0, onednn: bool = True):
+    """Two equal peft LoRA models (frozen bases, rank 4); the second with the LoRA function."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
+        model.requires_grad_(False)
+        config = LoraConfig(
+            r=4,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=["0", "2"],
+            init_lora_weights="gaussian",
+        )
+        model = inject_adapter_in_model(config, model)
+        for name, p in model.named_parameters():  # a non-zero B, so the LoRA term counts
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+        return model
+
+    stock, fast = build(), build()
+    if onednn:
+        use_onednn_linears(fast)
+    assert cpu_linear.use_lora_linear_function(fast) == 2
+    assert [type(m).__name__ for m in fast if hasattr(m, "lora_A")] == ["LoraLinear", "LoraLinear"]
+    return stock, fast
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("alpha", [4, 16])  # scale 1 and 4
+def test_the_lora_function_gives_peft_s_outputs_and_gradients(lora_calls, onednn, alpha):
+    stock, fast = _lora_pair(alpha=alpha, onednn=onednn)
+    x = torch.randn(5, 3, 48).transpose(0, 1)  # 3-D and not contiguous
+    x_stock, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_stock, y_fast = stock(x_stock), fast(x_fast)
+    torch.testing.assert_close(y_fast, y_stock, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y_stock)
+    y_stock.backward(grad)
+    y_fast.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
+    stock_grads, fast_grads = _grads(stock), _grads(fast)
+    assert sorted(fast_grads) == sorted(stock_grads) and len(stock_grads) == 4
+    for name, g in stock_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, rtol=1e-5, atol=1e-6)
+    assert lora_calls == [onednn, onednn]
+    # an input without gradient (the first LoRA block's input): the function skips the input's product
+    fast.zero_grad()
+    fast(x).square().sum().backward()
+    assert all(g is not None for g in _grads(fast).values())
+
+
+@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "autocast", "float64", "trainable base"])
+def test_what_the_lora_function_does_not_cover_takes_peft_s_forward(lora_calls, case):
+    stock, fast = _lora_pair(dropout=0.1 if case == "dropout" else 0.0)
+    x = torch.randn(6, 48)
+    for model in (stock, fast):
+        model.eval()  # dropout off, so the two forwards agree
+        if case == "disabled":
+            for m in model:
+                if hasattr(m, "enable_adapters"):
+                    m.enable_adapters(False)
+        if case == "merged":
+            for m in model:
+                if hasattr(m, "merge"):
+                    m.merge()
+        if case == "float64":
+            model.double()
+        if case == "trainable base":
+            model[0].base_layer.weight.requires_grad_(True)
+    x = x.double() if case == "float64" else x
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = fast(x), stock(x)
+    else:
+        got, expected = fast(x), stock(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    covered = 1 if case == "trainable base" else 0  # the second linear is still plain
+    assert len(lora_calls) == covered
+
+
+def test_the_lora_function_keeps_peft_s_state_dict_and_merge():
+    from peft import get_peft_model_state_dict
+
+    stock, fast = _lora_pair()
+    assert list(fast.state_dict()) == list(stock.state_dict())
+    assert list(get_peft_model_state_dict(fast)) == list(get_peft_model_state_dict(stock))
+    x = torch.randn(3, 48)
+    unmerged = fast(x)
+    for m in fast:
+        if hasattr(m, "merge"):
+            m.merge()
+    torch.testing.assert_close(fast(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert cpu_linear.use_lora_linear_function(fast) == 0  # already done
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_sd3_lora_step_with_the_lora_function_gives_the_same_gradients(lora_calls, checkpointing):
+    """The recipe's model and kernels (choose_kernels), against stock peft with the stock linears."""
+    from diffusers import SD3Transformer2DModel
+
+    from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
+    from sd3_lora_celeba.train import recipe
+
+    def build():
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
+            pos_embed_max_size=8,
+        )  # fmt: skip
+        add_lora(model, lora_config(lora_target_modules(model, (1, 2)), 4, alpha=8, init="gaussian"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        return model.train()
+
+    stock, fast = build(), build()
+    recipe.choose_kernels(fast, recipe.FineTuneConfig(train_dir=".", empty_prompt_dir="."))
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
+        pooled_projections=torch.randn(2, 24, generator=g),
+        timestep=torch.tensor([100.0, 700.0]),
+    )
+    for model in (stock, fast):
+        model(**inputs, return_dict=False)[0].square().mean().backward()
+    grads = [_grads(m) for m in (stock, fast)]
+    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) == 2 * (8 + 7)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+    assert len(lora_calls) == (2 if checkpointing else 1) * (8 + 7)  # checkpointing recomputes the forward

@@ -408,13 +408,15 @@ def use_gradient_checkpointing(config: FineTuneConfig) -> bool:
 
 def choose_kernels(transformer, config: FineTuneConfig) -> None:
     """``--compile``: regional ``torch.compile``. Otherwise the float32 linears of a CPU run go through oneDNN
-    where it is faster than the BLAS (:mod:`~sd3_lora_celeba.models.cpu_linear`; same products)."""
-    from sd3_lora_celeba.models.cpu_linear import use_fast_cpu_linears
+    where it is faster than the BLAS, and each LoRA linear runs as one autograd function
+    (:mod:`~sd3_lora_celeba.models.cpu_linear`; same products)."""
+    from sd3_lora_celeba.models.cpu_linear import use_fast_cpu_linears, use_lora_linear_function
 
     if config.compile:
         compile_blocks(transformer)
     elif not config.quantize_base:
         use_fast_cpu_linears(transformer, training=True)
+        use_lora_linear_function(transformer)
 
 
 def compile_blocks(transformer, backend: str = "inductor") -> None:
