@@ -34,10 +34,9 @@ def _pair(in_features: int = 96, out_features: int = 160, bias: bool = True):
     return stock, fast
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_every_gradient_match_nn_linear(calls, bias):
-    stock, fast = _pair(bias=bias)
-    x = torch.randn(5, 3, 96).transpose(0, 1)  # 3-D and not contiguous, as attention reshapes hand them over
+def _assert_same_output_and_input_gradient(stock, fast, x: torch.Tensor) -> None:
+    """The two modules' outputs for ``x``, and the gradients ``x`` gets back from one random output gradient,
+    agree; parameters keep their gradients for the caller to compare."""
     x_stock, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_stock, y_fast = stock(x_stock), fast(x_fast)
     torch.testing.assert_close(y_fast, y_stock, rtol=1e-5, atol=1e-5)
@@ -45,6 +44,13 @@ def test_forward_and_every_gradient_match_nn_linear(calls, bias):
     y_stock.backward(grad)
     y_fast.backward(grad)
     torch.testing.assert_close(x_fast.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_every_gradient_match_nn_linear(calls, bias):
+    stock, fast = _pair(bias=bias)
+    x = torch.randn(5, 3, 96).transpose(0, 1)  # 3-D and not contiguous, as attention reshapes hand them over
+    _assert_same_output_and_input_gradient(stock, fast, x)
     torch.testing.assert_close(fast.weight.grad, stock.weight.grad, rtol=1e-5, atol=1e-5)
     if bias:
         torch.testing.assert_close(fast.bias.grad, stock.bias.grad, rtol=1e-5, atol=1e-5)
@@ -210,27 +216,30 @@ def test_a_bad_setting_is_one_line_before_any_command_runs(monkeypatch):
     assert len(lines) == 1 and "SD3_CPU_LINEARS='mkl'" in lines[0] and "unset it" in lines[0], result.output
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_an_sd3_lora_step_gives_the_same_gradients(calls, checkpointing):
-    """The recipe's model (peft LoRA on the joint-attention linears), with gradient checkpointing's recompute."""
+def _tiny_sd3_lora(num_layers: int, blocks: tuple[int, ...], checkpointing: bool, alpha: float | None = None):
+    """A seeded tiny SD3 transformer with the recipe's peft LoRA (rank 4) on ``blocks``."""
     from diffusers import SD3Transformer2DModel
 
     from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
 
-    def build():
-        torch.manual_seed(0)
-        model = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
-            pos_embed_max_size=8,
-        )  # fmt: skip
-        add_lora(model, lora_config(lora_target_modules(model, (0, 1)), 4, init="gaussian"))
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        return model.train()
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24,
+        out_channels=16, pos_embed_max_size=8,
+    )  # fmt: skip
+    add_lora(model, lora_config(lora_target_modules(model, blocks), 4, alpha=alpha, init="gaussian"))
+    if alpha is not None:  # a non-zero B, so the LoRA term and its scale count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train()
 
-    stock, fast = build(), build()
-    assert use_onednn_linears(fast) > 0
+
+def _assert_same_sd3_gradients(stock, fast, count: int) -> None:
+    """One loss's LoRA gradients of the two models agree; ``count`` LoRA parameters have one."""
     g = torch.Generator().manual_seed(1)
     inputs = dict(
         hidden_states=torch.randn(2, 16, 8, 8, generator=g),
@@ -241,10 +250,18 @@ def test_an_sd3_lora_step_gives_the_same_gradients(calls, checkpointing):
     for model in (stock, fast):
         model(**inputs, return_dict=False)[0].square().mean().backward()
     grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (stock, fast)]
-    # lora_A and lora_B of 8 + 7 linears (the last block has no text-stream output projection)
-    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) == 2 * (8 + 7)
+    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) == count
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_sd3_lora_step_gives_the_same_gradients(calls, checkpointing):
+    """The recipe's model (peft LoRA on the joint-attention linears), with gradient checkpointing's recompute."""
+    stock, fast = (_tiny_sd3_lora(2, (0, 1), checkpointing) for _ in range(2))
+    assert use_onednn_linears(fast) > 0
+    # lora_A and lora_B of 8 + 7 linears (the last block has no text-stream output projection)
+    _assert_same_sd3_gradients(stock, fast, 2 * (8 + 7))
     assert calls
 
 
@@ -303,13 +320,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def test_the_lora_function_gives_peft_s_outputs_and_gradients(lora_calls, onednn, alpha):
     stock, fast = _lora_pair(alpha=alpha, onednn=onednn)
     x = torch.randn(5, 3, 48).transpose(0, 1)  # 3-D and not contiguous
-    x_stock, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_stock, y_fast = stock(x_stock), fast(x_fast)
-    torch.testing.assert_close(y_fast, y_stock, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(y_stock)
-    y_stock.backward(grad)
-    y_fast.backward(grad)
-    torch.testing.assert_close(x_fast.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
+    _assert_same_output_and_input_gradient(stock, fast, x)
     stock_grads, fast_grads = _grads(stock), _grads(fast)
     assert sorted(fast_grads) == sorted(stock_grads) and len(stock_grads) == 4
     for name, g in stock_grads.items():
@@ -368,39 +379,9 @@ def test_the_lora_function_keeps_peft_s_state_dict_and_merge():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_an_sd3_lora_step_with_the_lora_function_gives_the_same_gradients(lora_calls, checkpointing):
     """The recipe's model and kernels (choose_kernels), against stock peft with the stock linears."""
-    from diffusers import SD3Transformer2DModel
-
-    from sd3_lora_celeba.models.lora import add_lora, lora_config, lora_target_modules
     from sd3_lora_celeba.train import recipe
 
-    def build():
-        torch.manual_seed(0)
-        model = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
-            pos_embed_max_size=8,
-        )  # fmt: skip
-        add_lora(model, lora_config(lora_target_modules(model, (1, 2)), 4, alpha=8, init="gaussian"))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        return model.train()
-
-    stock, fast = build(), build()
+    stock, fast = (_tiny_sd3_lora(3, (1, 2), checkpointing, alpha=8) for _ in range(2))
     recipe.choose_kernels(fast, recipe.FineTuneConfig(train_dir=".", empty_prompt_dir="."))
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(
-        hidden_states=torch.randn(2, 16, 8, 8, generator=g),
-        encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
-        pooled_projections=torch.randn(2, 24, generator=g),
-        timestep=torch.tensor([100.0, 700.0]),
-    )
-    for model in (stock, fast):
-        model(**inputs, return_dict=False)[0].square().mean().backward()
-    grads = [_grads(m) for m in (stock, fast)]
-    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) == 2 * (8 + 7)
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+    _assert_same_sd3_gradients(stock, fast, 2 * (8 + 7))
     assert len(lora_calls) == (2 if checkpointing else 1) * (8 + 7)  # checkpointing recomputes the forward
