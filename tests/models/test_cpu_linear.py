@@ -1,11 +1,12 @@
-"""oneDNN linears on the CPU: the same products and gradients as nn.Linear, taken only where they apply."""
+"""oneDNN linears on the CPU, and LoRA linears as one autograd function (models/lora_linear.py): the same
+products and gradients as nn.Linear and peft, taken only where they apply."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sd3_lora_celeba.models import cpu_linear
+from sd3_lora_celeba.models import cpu_linear, lora_linear
 from sd3_lora_celeba.models.cpu_linear import OneDnnLinear, use_onednn_linears
 
 pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this PyTorch build has no oneDNN")
@@ -272,13 +273,13 @@ def test_an_sd3_lora_step_gives_the_same_gradients(calls, checkpointing):
 def lora_calls(monkeypatch) -> list[bool]:
     """One entry per call of the LoRA function (whether its products went through oneDNN)."""
     seen: list[bool] = []
-    real = cpu_linear._LoraLinearFunction.apply
+    real = lora_linear._LoraLinearFunction.apply
 
     def counting(*args):
         seen.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(cpu_linear._LoraLinearFunction, "apply", counting)
+    monkeypatch.setattr(lora_linear._LoraLinearFunction, "apply", counting)
     return seen
 
 
@@ -306,7 +307,7 @@ def _lora_pair(alpha: int = 8, dropout: float = 0.0, onednn: bool = True):
     stock, fast = build(), build()
     if onednn:
         use_onednn_linears(fast)
-    assert cpu_linear.use_lora_linear_function(fast) == 2
+    assert lora_linear.use_lora_linear_function(fast) == 2
     assert [type(m).__name__ for m in fast if hasattr(m, "lora_A")] == ["LoraLinear", "LoraLinear"]
     return stock, fast
 
@@ -373,7 +374,7 @@ def test_the_lora_function_keeps_peft_s_state_dict_and_merge():
         if hasattr(m, "merge"):
             m.merge()
     torch.testing.assert_close(fast(x), unmerged, rtol=1e-5, atol=1e-5)
-    assert cpu_linear.use_lora_linear_function(fast) == 0  # already done
+    assert lora_linear.use_lora_linear_function(fast) == 0  # already done
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -409,8 +409,9 @@ def use_gradient_checkpointing(config: FineTuneConfig) -> bool:
 def choose_kernels(transformer, config: FineTuneConfig) -> None:
     """``--compile``: regional ``torch.compile``. Otherwise the float32 linears of a CPU run go through oneDNN
     where it is faster than the BLAS, and each LoRA linear runs as one autograd function
-    (:mod:`~sd3_lora_celeba.models.cpu_linear`; same products)."""
-    from sd3_lora_celeba.models.cpu_linear import use_fast_cpu_linears, use_lora_linear_function
+    (:mod:`~sd3_lora_celeba.models.cpu_linear`, :mod:`~sd3_lora_celeba.models.lora_linear`; same products)."""
+    from sd3_lora_celeba.models.cpu_linear import use_fast_cpu_linears
+    from sd3_lora_celeba.models.lora_linear import use_lora_linear_function
 
     if config.compile:
         compile_blocks(transformer)
