@@ -10,7 +10,8 @@ compute-prompt-embeds write, so the real dataset checks them.
 
 * ``ours``: ``sd3 fine-tune``'s loader (``recipe.build_dataset`` + ``recipe.build_loader``, the training sampler,
   ``--dataloader-num-workers`` default): each worker reads only the tensors a sample needs, keeps embeddings
-  float16 and draws the sample's diffusion noise and noise level; a worker reuses its shared batch buffers once
+  float16, draws the sample's diffusion noise and noise level and writes it all straight into its row of the
+  batch buffer (no per-sample tensors to copy in); a worker reuses its shared batch buffers once
   the main process is done with a batch (``unpack`` here gives views of the buffer, no copy, and the buffer goes
   back when they are dropped; on CUDA the loader's pinning thread copies the batch out).
 * ``plain``: a straightforward per-sample loader with the same workers: reads every tensor of the four files,
@@ -91,16 +92,25 @@ def write_world(root: Path, num_examples: int) -> tuple[Path, Path]:
     return train, empty
 
 
-def ours_loader(train: Path, empty: Path, batch_size: int):
+def ours_loader(train: Path, empty: Path, batch_size: int, in_place: bool = True):
+    """``sd3 fine-tune``'s loader; ``in_place=False``: the same, but the workers collate per-sample tensors into
+    the batch buffer (the loader before samples were written in place; ``--collated``)."""
+    from sd3_lora_celeba.data.cached import collate_packed, unpack
     from sd3_lora_celeba.train.recipe import FineTuneConfig, build_dataset, build_loader
     from sd3_lora_celeba.train.sampler import ResumableBatchSampler
 
     config = FineTuneConfig(train_dir=train, empty_prompt_dir=empty, model_name=MODEL, batch_size=batch_size)
     dataset = build_dataset(config, shift=3.0)
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed=0)
-    from sd3_lora_celeba.data.cached import unpack
-
-    loader = build_loader(config, dataset, sampler, torch.device("cpu"))
+    if in_place:
+        loader = build_loader(config, dataset, sampler, torch.device("cpu"))
+    else:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate_packed,
+            num_workers=config.dataloader_num_workers,
+        )
     return map(unpack, loader), config.dataloader_num_workers
 
 
@@ -158,17 +168,19 @@ def throughput(batches, num_samples: int, batch_size: int) -> float:
     return (num_samples // batch_size) * batch_size / (time.perf_counter() - start)
 
 
-def measure(quick: bool, repeats: int = 3, batch_size: int = 1) -> dict:
+def measure(quick: bool, repeats: int = 3, batch_size: int = 1, collated: bool = False) -> dict:
     num_samples = 120 if quick else 400
     with tempfile.TemporaryDirectory() as tmp:
         train, empty = write_world(Path(tmp), 24 if quick else 64)
         results: dict[str, list[float]] = {"ours": [], "plain": []}
+        if collated:
+            results["ours, collated"] = []
         workers = 0
         for _ in range(repeats):  # interleaved
             for name in results:
                 gc.collect()
-                if name == "ours":
-                    loader, workers = ours_loader(train, empty, batch_size)
+                if name.startswith("ours"):
+                    loader, workers = ours_loader(train, empty, batch_size, in_place=name == "ours")
                 else:
                     loader = plain_loader(train, batch_size, workers)
                 results[name].append(throughput(loader, num_samples, batch_size))
@@ -176,9 +188,10 @@ def measure(quick: bool, repeats: int = 3, batch_size: int = 1) -> dict:
     return {"results": results, "workers": workers, "num_samples": num_samples}
 
 
-def goals(device: str, quick: bool) -> list[dict]:
-    """The ``loader`` goal (see the module docstring); ``device`` does not matter: the loader runs on CPUs."""
-    m = measure(quick)
+def goals(device: str, quick: bool, **options) -> list[dict]:
+    """The ``loader`` goal (see the module docstring); ``device`` does not matter: the loader runs on CPUs.
+    ``options`` go to :func:`measure`."""
+    m = measure(quick, **options)
     rows = []
     for name, values in m["results"].items():
         # Rows in seconds per sample, so median_s / min_s read like the other benchmarks.
@@ -198,9 +211,21 @@ def goals(device: str, quick: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--collated",
+        action="store_true",
+        help="add a row for ours with per-sample tensors collated in the workers",
+    )
     args = parser.parse_args(argv)
-    print("1024-px caches, batch 1, 3 repeats")
-    print_goals(goals("cpu", args.quick))
+    print(f"1024-px caches, batch {args.batch_size}, {args.repeats} repeats")
+    options = dict(repeats=args.repeats, batch_size=args.batch_size, collated=args.collated)
+    gs = goals("cpu", args.quick, **options)
+    print_goals(gs)
+    if args.collated:
+        per_sample = {row[0].split(" (")[0]: row[1] for row in gs[0]["rows"]}
+        print(f"ours / ours, collated: {per_sample['ours, collated'] / per_sample['ours']:.2f}x samples/s")
     return 0
 
 

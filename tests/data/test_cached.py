@@ -293,6 +293,51 @@ def test_embeddings_stay_in_their_storage_dtype(world_copy):
     assert collate([dataset[(0, 1)], dropped])["prompt_embeds"].dtype == torch.float32
 
 
+def test_batches_written_in_place_equal_collated_samples(world_copy, monkeypatch):
+    """A worker's batch written row by row into its buffer (the training loader's path) holds exactly what
+    collating the samples gives: same values and dtypes, float16 captions beside the float32 empty prompt
+    meeting in float32 as collate's do, flipped and unflipped latents, noise and noise levels."""
+    from sd3_lora_celeba.data import cached
+    from sd3_lora_celeba.encode.prompts import ComputePromptEmbedsConfig, compute_prompt_embeds
+    from sd3_lora_celeba.train.flow import NoiseDraw
+
+    for encoder in ("1", "2", "3"):
+        compute_prompt_embeds(
+            ComputePromptEmbedsConfig(
+                encoder=encoder,
+                dataset=world_copy["train"],
+                model_name=str(world_copy["model"]),
+                storage_dtype="float16",
+                overwrite=True,
+            )
+        )
+    dataset = CachedLatentsDataset(
+        world_copy["train"], world_copy["empty"], caption_dropout=0.5, noise_draw=NoiseDraw("uniform", 3.0)
+    )
+    items = [(i % NUM_EXAMPLES, 40 + i) for i in range(12)]
+    variants = [dataset[item]["variant"] for item in items]
+    assert "empty" in variants and set(variants) - {"empty"}  # both kinds of prompt occur
+    monkeypatch.setattr(cached, "_pool", [])
+    monkeypatch.setattr(cached, "_pool_owner", None)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a worker
+    loader_view = cached.PackedInWorkers(dataset)
+    captioned = [item for item, v in zip(items, variants, strict=True) if v != "empty"]
+    dropped = [item for item, v in zip(items, variants, strict=True) if v == "empty"]
+    # one sample; a float16 caption first and the float32 empty prompt after it; float16 captions only
+    for batch_items in (items[:1], [captioned[0], dropped[0], captioned[1]], captioned):
+        packed = cached.collate_packed(loader_view.__getitems__(batch_items))
+        assert isinstance(packed, cached.PackedBatch)
+        got, want = cached.unpack(packed), collate([dataset[item] for item in batch_items])
+        _assert_same_batch(got, want)
+        assert got["variant"] == want["variant"]
+        mixed = any(dataset[item]["variant"] == "empty" for item in batch_items)
+        assert got["prompt_embeds"].dtype == (torch.float32 if mixed else torch.float16)
+        del got, packed
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)  # the main process: plain samples
+    samples = loader_view.__getitems__(items[:2])
+    _assert_same_batch(collate(samples), collate([dataset[item] for item in items[:2]]))
+
+
 def _assert_same_batch(got: dict, want: dict) -> None:
     assert set(got) == set(want) and got["id"] == want["id"]
     for key, value in want.items():
@@ -300,21 +345,29 @@ def _assert_same_batch(got: dict, want: dict) -> None:
             assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["collated", "written-in-place"])
 @pytest.mark.parametrize("hold", [False, True], ids=["unpack-as-they-come", "hold-then-unpack"])
-def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold):
-    """Loader workers hand over one shared buffer per batch (collate_packed) and reuse it once the main process
-    is done with the batch; unpack gives collate's batch whether batches are unpacked and dropped as they come
-    (buffers reused) or all held first (every pooled buffer busy: the workers take one-off buffers)."""
+def test_packed_batches_from_workers_unpack_to_the_same_tensors(world, hold, in_place):
+    """Loader workers hand over one shared buffer per batch and reuse it once the main process is done with the
+    batch, whether they collate samples into it (collate_packed) or write each sample into its row
+    (PackedInWorkers, the training loader); unpack gives collate's batch whether batches are unpacked and dropped
+    as they come (buffers reused) or all held first (every pooled buffer busy: the workers take one-off
+    buffers)."""
     from sd3_lora_celeba.data import cached
-    from sd3_lora_celeba.data.cached import PackedBatch, collate_packed, unpack
+    from sd3_lora_celeba.data.cached import PackedBatch, PackedInWorkers, collate_packed, unpack
     from sd3_lora_celeba.train.flow import NoiseDraw
 
-    dataset = CachedLatentsDataset(world["train"], world["empty"], noise_draw=NoiseDraw("logit_normal", 3.0))
+    dataset = CachedLatentsDataset(
+        world["train"], world["empty"], caption_dropout=0.3, noise_draw=NoiseDraw("logit_normal", 3.0)
+    )
     items = [
         [(i % NUM_EXAMPLES, 10 + i), ((i + 1) % NUM_EXAMPLES, 20 + i)] for i in range(6 * cached._POOL_SIZE)
     ]
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=items, num_workers=2, collate_fn=collate_packed
+        PackedInWorkers(dataset) if in_place else dataset,
+        batch_sampler=items,
+        num_workers=2,
+        collate_fn=collate_packed,
     )
     buffers = set()
     batches = []

@@ -17,10 +17,13 @@ sample's diffusion noise and noise level are drawn there too, in the loader work
 
 Every cache is checked once, when the dataset is built (model, sizes, variants, caption hashes); items then
 read only the tensors they need and keep the prompt embeddings in their storage dtype (cast on the device).
+In the training loader's workers (:class:`PackedInWorkers`) each sample is written straight into its row of
+the worker's shared batch buffer (:class:`PackedBatch`), so no sample tensor is made only to be copied.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -170,22 +173,42 @@ def load_joined_prompt_embeds(
     return join_prompt_embeds(embeds, pooled)
 
 
-def join_prompt_embeds(embeds: dict[int, Tensor], pooled: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
+def join_prompt_embeds(
+    embeds: dict[int, Tensor],
+    pooled: dict[int, Tensor],
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Join the per-encoder embeddings ``{1: CLIP-L, 2: CLIP-G, 3: T5}`` and pooled ``{1, 2}`` as
-    ``encode_prompt`` does; keeps their dtype (the cache's storage dtype)."""
-    clip_prompt_embeds = torch.cat([embeds[1], embeds[2]], dim=-1)  # (77, D_l + D_g)
-    t5_prompt_embeds = embeds[3]  # (L, D_t5)
-    clip_prompt_embeds = torch.nn.functional.pad(
-        clip_prompt_embeds, (0, t5_prompt_embeds.shape[-1] - clip_prompt_embeds.shape[-1])
-    )  # (77, D_t5)
-    prompt_embeds = torch.cat([clip_prompt_embeds, t5_prompt_embeds], dim=-2)  # (77 + L, D_t5)
-    pooled_prompt_embeds = torch.cat([pooled[1], pooled[2]], dim=-1)  # (P_l + P_g,)
+    ``encode_prompt`` does; keeps their dtype (the cache's storage dtype). ``out``: the two tensors to write the
+    result into (a batch row, say), of any floating dtype; each part is then copied once."""
+    clip_tokens, width_l, width_g = embeds[1].shape[-2], embeds[1].shape[-1], embeds[2].shape[-1]
+    if out is None:  # the dtype torch.cat would give
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in embeds.values()])
+        pooled_dtype = torch.promote_types(pooled[1].dtype, pooled[2].dtype)
+        tokens, width = clip_tokens + embeds[3].shape[-2], embeds[3].shape[-1]
+        out = (
+            torch.empty((tokens, width), dtype=dtype),
+            torch.empty(pooled[1].shape[-1] + pooled[2].shape[-1], dtype=pooled_dtype),
+        )
+    prompt_embeds, pooled_prompt_embeds = out
+    clip = prompt_embeds[:clip_tokens]  # (77, D_t5): CLIP-L, CLIP-G, zeros (encode_prompt's padding)
+    clip[:, :width_l].copy_(embeds[1])
+    clip[:, width_l : width_l + width_g].copy_(embeds[2])
+    clip[:, width_l + width_g :].zero_()
+    prompt_embeds[clip_tokens:].copy_(embeds[3])  # (L, D_t5)
+    pooled_prompt_embeds[: pooled[1].shape[-1]].copy_(pooled[1])
+    pooled_prompt_embeds[pooled[1].shape[-1] :].copy_(pooled[2])
     return prompt_embeds, pooled_prompt_embeds
 
 
 def _read_joined_unchecked(example_dir: Path, variant: str) -> tuple[Tensor, Tensor]:
     """The joined embeddings of a variant whose caches the dataset already checked: three opens, no metadata
     parsing, no caption hashing; storage dtype."""
+    return join_prompt_embeds(*_read_parts_unchecked(example_dir, variant))
+
+
+def _read_parts_unchecked(example_dir: Path, variant: str) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """The per-encoder embeddings and pooled embeddings of :func:`_read_joined_unchecked`, not yet joined."""
     from safetensors import safe_open
 
     embeds, pooled = {}, {}
@@ -203,7 +226,7 @@ def _read_joined_unchecked(example_dir: Path, variant: str) -> tuple[Tensor, Ten
                 f"{example_dir.name}: {path} became unreadable during training ({exc}); "
                 f"{_compute_prompts_fix(i, example_dir)}"
             ) from None
-    return join_prompt_embeds(embeds, pooled)
+    return embeds, pooled
 
 
 def _read_attributes(example_dir: Path) -> np.ndarray:
@@ -235,6 +258,20 @@ def _check_latent_caches(dirs: list[Path], model_name: str | None) -> dict[str, 
     return expect
 
 
+@dataclass
+class _Read:
+    """A sample's random choices and tensors as read from its caches, before its batch tensors are computed."""
+
+    index: int
+    sample_seed: int
+    generator: torch.Generator  # the sample's stream, after the choices
+    mean: Tensor  # (16, H/8, W/8), storage dtype
+    logvar: Tensor
+    variant: str
+    prompt: tuple[dict[int, Tensor], dict[int, Tensor]] | None  # per-encoder parts; None: the empty prompt
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # each tensor of the sample: dtype and shape
+
+
 class CachedLatentsDataset(torch.utils.data.Dataset):
     """Training samples from the caches of every example folder below ``root``.
 
@@ -258,7 +295,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         random_flip: bool = True,
         model_name: str | None = None,
         max_sequence_length: int | None = None,
-        noise_draw: Callable[[int, torch.Size], dict[str, Tensor]] | None = None,
+        noise_draw: Callable[..., dict[str, Tensor]] | None = None,  # (sample seed, shape, out=)
     ) -> None:
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout {caption_dropout}: must be between 0 and 1")
@@ -353,12 +390,33 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        drawn = self._read(item)
+        return self._fill(
+            drawn, {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in drawn.specs.items()}
+        )
+
+    def packed_batch(self, items: Sequence[int | tuple[int, int]]) -> PackedBatch:
+        """The batch of ``items`` as :func:`collate_packed` gives it in a loader worker, but each sample is
+        written straight into its row of the worker's shared buffer: no per-sample tensors to copy in."""
+        drawn = [self._read(item) for item in items]
+        specs = {}
+        for key, (dtype, shape) in drawn[0].specs.items():
+            dtypes = {d.specs[key][0] for d in drawn}
+            specs[key] = (dtype if len(dtypes) == 1 else torch.float32, (len(drawn), *shape))  # as collate
+        fields = {"id": [self.ids[d.index] for d in drawn], "variant": [d.variant for d in drawn]}
+        batch, views = _packed_batch(fields, specs)
+        for row, d in enumerate(drawn):
+            self._fill(d, {key: view[row] for key, view in views.items()})
+        return batch
+
+    def _read(self, item: int | tuple[int, int]) -> _Read:
+        """Draw the sample's choices and read its tensors (storage dtype)."""
         from safetensors import safe_open
 
         index, sample_seed = (item, 0) if isinstance(item, (int, np.integer)) else item
-        index = int(index)
+        index, sample_seed = int(index), int(sample_seed)
         example_dir = self.example_dirs[index]
-        generator = torch.Generator().manual_seed(int(sample_seed))
+        generator = torch.Generator().manual_seed(sample_seed)
         # Always draw every random number, in a fixed order, so one option never shifts another's stream.
         flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
         choices = self.variants[index]
@@ -367,26 +425,50 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
 
         prefix = "flip_" if flip else ""
         with safe_open(str(example_dir / layout.LATENT_DIST), framework="pt") as f:
-            mean = f.get_tensor(prefix + "mean").float()  # (16, H/8, W/8)
-            logvar = f.get_tensor(prefix + "logvar").float()
-        eps = torch.randn(mean.shape, generator=generator)
-        latents = torch.addcmul(mean, logvar.mul_(0.5).exp_(), eps)  # a sample of the VAE posterior
-        latents.sub_(self.shift_factor).mul_(self.scaling_factor)  # what the transformer sees
-
+            mean = f.get_tensor(prefix + "mean")  # (16, H/8, W/8)
+            logvar = f.get_tensor(prefix + "logvar")
         if dropped:
             variant = EMPTY_VARIANT
-            prompt_embeds, pooled_prompt_embeds = self.empty_prompt_embeds, self.empty_pooled_prompt_embeds
+            prompt = None
+            prompt_dtype = self.empty_prompt_embeds.dtype
+            prompt_shape, pooled_shape = self.empty_prompt_embeds.shape, self.empty_pooled_prompt_embeds.shape
         else:
-            prompt_embeds, pooled_prompt_embeds = _read_joined_unchecked(example_dir, variant)
-        sample = {
-            "id": self.ids[index],
-            "latents": latents,  # (16, H/8, W/8) float32
-            "prompt_embeds": prompt_embeds,  # (77 + L, D), storage dtype
-            "pooled_prompt_embeds": pooled_prompt_embeds,  # (P,), storage dtype
-            "variant": variant,
+            prompt = _read_parts_unchecked(example_dir, variant)
+            embeds, pooled = prompt
+            prompt_dtype = functools.reduce(torch.promote_types, [t.dtype for t in embeds.values()])
+            prompt_shape = (embeds[1].shape[0] + embeds[3].shape[0], embeds[3].shape[1])
+            pooled_shape = (pooled[1].shape[0] + pooled[2].shape[0],)
+        specs = {
+            "latents": (torch.float32, tuple(mean.shape)),
+            "prompt_embeds": (prompt_dtype, tuple(prompt_shape)),
+            "pooled_prompt_embeds": (prompt_dtype, tuple(pooled_shape)),
         }
         if self.noise_draw is not None:
-            sample.update(self.noise_draw(int(sample_seed), latents.shape))  # noise, sigmas
+            specs.update(sigmas=(torch.float32, ()), noise=(torch.float32, tuple(mean.shape)))
+        return _Read(index, sample_seed, generator, mean, logvar, variant, prompt, specs)
+
+    def _fill(self, drawn: _Read, out: dict[str, Tensor]) -> dict:
+        """The sample of ``drawn``, its tensors written into ``out`` (``drawn.specs``' keys and shapes)."""
+        eps = torch.randn(drawn.mean.shape, generator=drawn.generator)
+        std = drawn.logvar.float().mul_(0.5).exp_()
+        latents = torch.addcmul(drawn.mean.float(), std, eps, out=out["latents"])  # a VAE posterior sample
+        latents.sub_(self.shift_factor).mul_(self.scaling_factor)  # what the transformer sees
+        if drawn.prompt is None:
+            out["prompt_embeds"].copy_(self.empty_prompt_embeds)
+            out["pooled_prompt_embeds"].copy_(self.empty_pooled_prompt_embeds)
+        else:
+            join_prompt_embeds(*drawn.prompt, out=(out["prompt_embeds"], out["pooled_prompt_embeds"]))
+        sample = {
+            "id": self.ids[drawn.index],
+            "latents": latents,  # (16, H/8, W/8) float32
+            "prompt_embeds": out["prompt_embeds"],  # (77 + L, D), storage dtype
+            "pooled_prompt_embeds": out["pooled_prompt_embeds"],  # (P,), storage dtype
+            "variant": drawn.variant,
+        }
+        if self.noise_draw is not None:
+            drawn_noise = self.noise_draw(drawn.sample_seed, latents.shape, out=out["noise"])
+            out["sigmas"].copy_(drawn_noise["sigmas"])
+            sample.update(sigmas=out["sigmas"], noise=drawn_noise["noise"])
         return sample
 
 
@@ -528,24 +610,58 @@ def _lease(buffer: Tensor) -> Tensor:
     return torch.frombuffer(array, dtype=torch.uint8)
 
 
-def collate_packed(samples: list[dict]) -> dict | PackedBatch:
+def collate_packed(samples: list[dict] | PackedBatch) -> dict | PackedBatch:
     """:func:`collate` for loader workers: a :class:`PackedBatch` (one reused shared buffer per batch).
-    :func:`unpack` restores the tensors. Outside a worker it is plain :func:`collate`."""
+    :func:`unpack` restores the tensors. Outside a worker it is plain :func:`collate`; a batch the dataset
+    already packed (:class:`PackedInWorkers`) passes through."""
+    if isinstance(samples, PackedBatch):
+        return samples
     if torch.utils.data.get_worker_info() is None:
         return collate(samples)
     fields = {key: [s[key] for s in samples] for key in ("id", "variant")}
     stacks = {k: _same_dtype([s[k] for s in samples]) for k, v in samples[0].items() if isinstance(v, Tensor)}
-    layout, offset = [], _HEADER_BYTES
+    batch, views = _packed_batch(fields, {k: (t[0].dtype, (len(t), *t[0].shape)) for k, t in stacks.items()})
     for key, tensors in stacks.items():
-        shape = (len(tensors), *tensors[0].shape)
-        layout.append((key, tensors[0].dtype, shape, offset))
-        offset += -(-math.prod(shape) * tensors[0].element_size() // 64) * 64  # 64-byte aligned
+        torch.stack(tensors, out=views[key])
+    return batch
+
+
+def _packed_batch(
+    fields: dict, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> tuple[PackedBatch, dict[str, Tensor]]:
+    """A :class:`PackedBatch` on a buffer of this worker's pool laid out for ``specs`` (key: dtype, shape), and
+    the views of the buffer to write each tensor into."""
+    layout, offset = [], _HEADER_BYTES
+    for key, (dtype, shape) in specs.items():
+        layout.append((key, dtype, shape, offset))
+        offset += (
+            -(-math.prod(shape) * torch.empty(0, dtype=dtype).element_size() // 64) * 64
+        )  # 64-byte aligned
     slot = _take_slot(offset - _HEADER_BYTES)
-    for (_key, dtype, shape, start), tensors in zip(layout, stacks.values(), strict=True):
-        torch.stack(tensors, out=_view(slot.buffer, dtype, shape, start))
+    views = {key: _view(slot.buffer, dtype, shape, start) for key, dtype, shape, start in layout}
     batch = PackedBatch(fields, slot.buffer, layout, slot.key, send_buffer=not slot.sent)
     slot.sent = slot.key is not None
-    return batch
+    return batch, views
+
+
+class PackedInWorkers(torch.utils.data.Dataset):
+    """The loader's view of a :class:`CachedLatentsDataset`: in a loader worker, each batch of items is written
+    straight into the worker's shared buffer (:meth:`CachedLatentsDataset.packed_batch`), which
+    :func:`collate_packed` passes on; in the main process it is the list of samples, as without it."""
+
+    def __init__(self, dataset: CachedLatentsDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        return self.dataset[item]
+
+    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict] | PackedBatch:
+        if torch.utils.data.get_worker_info() is None:
+            return [self.dataset[item] for item in items]
+        return self.dataset.packed_batch(items)
 
 
 def _view(buffer: Tensor, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> Tensor:

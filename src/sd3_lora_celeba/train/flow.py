@@ -155,9 +155,12 @@ class NoiseDraw:
     mode_scale: float = 1.29
     density_convention: str = "diffusers"
 
-    def __call__(self, sample_seed: int, latent_shape: torch.Size) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, sample_seed: int, latent_shape: torch.Size, out: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``{"sigmas": () float32, "noise": latent_shape float32}``, drawn in this order from a generator of
-        its own, seeded from ``sample_seed`` (apart from the dataset's draws of the same sample)."""
+        its own, seeded from ``sample_seed`` (apart from the dataset's draws of the same sample). ``out``: a
+        float32 tensor of ``latent_shape`` to draw the noise into (a row of a batch buffer)."""
         generator = torch.Generator().manual_seed(derive_seed(sample_seed, "flow"))
         u = sample_density(
             self.weighting_scheme,
@@ -168,4 +171,4 @@ class NoiseDraw:
             generator=generator,
         )
         sigmas = shift_sigmas(density_to_sigmas(u, self.density_convention), self.shift)
-        return {"sigmas": sigmas[0], "noise": torch.randn(tuple(latent_shape), generator=generator)}
+        return {"sigmas": sigmas[0], "noise": torch.randn(tuple(latent_shape), generator=generator, out=out)}

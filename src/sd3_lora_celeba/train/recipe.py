@@ -494,8 +494,10 @@ def _main_exiting():
 
 def build_loader(config: FineTuneConfig, dataset, sampler: ResumableBatchSampler, device: torch.device):
     """Endless micro-batches of this process's slice of the seeded ``(index, sample_seed)`` stream."""
-    from sd3_lora_celeba.data.cached import collate_packed
+    from sd3_lora_celeba.data.cached import CachedLatentsDataset, PackedInWorkers, collate_packed
 
+    if isinstance(dataset, CachedLatentsDataset):
+        dataset = PackedInWorkers(dataset)  # a worker writes each batch straight into its shared buffer
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
