@@ -268,20 +268,23 @@ def test_items_do_not_recheck_caches(world, monkeypatch):
         dataset[(seed % NUM_EXAMPLES, seed)]
 
 
-def test_embeddings_stay_in_their_storage_dtype(world_copy):
-    """float16 caches reach the batch as float16 (cast on the device), and mixed storage meets in float32."""
-    from sd3_lora_celeba.encode.prompts import ComputePromptEmbedsConfig, compute_prompt_embeds
-
+def _embed_captions_in_float16(world: dict) -> None:
+    """Re-embed the train split's captions in float16 (the empty prompt stays float32)."""
     for encoder in ("1", "2", "3"):
         compute_prompt_embeds(
             ComputePromptEmbedsConfig(
                 encoder=encoder,
-                dataset=world_copy["train"],
-                model_name=str(world_copy["model"]),
+                dataset=world["train"],
+                model_name=str(world["model"]),
                 storage_dtype="float16",
                 overwrite=True,
             )
         )
+
+
+def test_embeddings_stay_in_their_storage_dtype(world_copy):
+    """float16 caches reach the batch as float16 (cast on the device), and mixed storage meets in float32."""
+    _embed_captions_in_float16(world_copy)
     dataset = CachedLatentsDataset(world_copy["train"], world_copy["empty"], caption_dropout=0.0)
     half = collate([dataset[(0, 1)], dataset[(1, 2)]])
     assert (
@@ -298,19 +301,9 @@ def test_batches_written_in_place_equal_collated_samples(world_copy, monkeypatch
     collating the samples gives: same values and dtypes, float16 captions beside the float32 empty prompt
     meeting in float32 as collate's do, flipped and unflipped latents, noise and noise levels."""
     from sd3_lora_celeba.data import cached
-    from sd3_lora_celeba.encode.prompts import ComputePromptEmbedsConfig, compute_prompt_embeds
     from sd3_lora_celeba.train.flow import NoiseDraw
 
-    for encoder in ("1", "2", "3"):
-        compute_prompt_embeds(
-            ComputePromptEmbedsConfig(
-                encoder=encoder,
-                dataset=world_copy["train"],
-                model_name=str(world_copy["model"]),
-                storage_dtype="float16",
-                overwrite=True,
-            )
-        )
+    _embed_captions_in_float16(world_copy)
     dataset = CachedLatentsDataset(
         world_copy["train"], world_copy["empty"], caption_dropout=0.5, noise_draw=NoiseDraw("uniform", 3.0)
     )
