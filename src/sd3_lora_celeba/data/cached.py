@@ -430,18 +430,22 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         if dropped:
             variant = EMPTY_VARIANT
             prompt = None
-            prompt_dtype = self.empty_prompt_embeds.dtype
-            prompt_shape, pooled_shape = self.empty_prompt_embeds.shape, self.empty_pooled_prompt_embeds.shape
+            prompt_dtype, prompt_shape = self.empty_prompt_embeds.dtype, self.empty_prompt_embeds.shape
+            pooled_dtype, pooled_shape = (
+                self.empty_pooled_prompt_embeds.dtype,
+                self.empty_pooled_prompt_embeds.shape,
+            )
         else:
             prompt = _read_parts_unchecked(example_dir, variant)
             embeds, pooled = prompt
             prompt_dtype = functools.reduce(torch.promote_types, [t.dtype for t in embeds.values()])
+            pooled_dtype = torch.promote_types(pooled[1].dtype, pooled[2].dtype)
             prompt_shape = (embeds[1].shape[0] + embeds[3].shape[0], embeds[3].shape[1])
             pooled_shape = (pooled[1].shape[0] + pooled[2].shape[0],)
         specs = {
             "latents": (torch.float32, tuple(mean.shape)),
             "prompt_embeds": (prompt_dtype, tuple(prompt_shape)),
-            "pooled_prompt_embeds": (prompt_dtype, tuple(pooled_shape)),
+            "pooled_prompt_embeds": (pooled_dtype, tuple(pooled_shape)),
         }
         if self.noise_draw is not None:
             specs.update(sigmas=(torch.float32, ()), noise=(torch.float32, tuple(mean.shape)))
@@ -634,9 +638,8 @@ def _packed_batch(
     layout, offset = [], _HEADER_BYTES
     for key, (dtype, shape) in specs.items():
         layout.append((key, dtype, shape, offset))
-        offset += (
-            -(-math.prod(shape) * torch.empty(0, dtype=dtype).element_size() // 64) * 64
-        )  # 64-byte aligned
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        offset += -(-nbytes // 64) * 64  # each tensor 64-byte aligned
     slot = _take_slot(offset - _HEADER_BYTES)
     views = {key: _view(slot.buffer, dtype, shape, start) for key, dtype, shape, start in layout}
     batch = PackedBatch(fields, slot.buffer, layout, slot.key, send_buffer=not slot.sent)
