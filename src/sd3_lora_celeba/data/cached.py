@@ -182,14 +182,8 @@ def join_prompt_embeds(
     ``encode_prompt`` does; keeps their dtype (the cache's storage dtype). ``out``: the two tensors to write the
     result into (a batch row, say), of any floating dtype; each part is then copied once."""
     clip_tokens, width_l, width_g = embeds[1].shape[-2], embeds[1].shape[-1], embeds[2].shape[-1]
-    if out is None:  # the dtype torch.cat would give
-        dtype = functools.reduce(torch.promote_types, [t.dtype for t in embeds.values()])
-        pooled_dtype = torch.promote_types(pooled[1].dtype, pooled[2].dtype)
-        tokens, width = clip_tokens + embeds[3].shape[-2], embeds[3].shape[-1]
-        out = (
-            torch.empty((tokens, width), dtype=dtype),
-            torch.empty(pooled[1].shape[-1] + pooled[2].shape[-1], dtype=pooled_dtype),
-        )
+    if out is None:
+        out = tuple(torch.empty(shape, dtype=dtype) for dtype, shape in _joined_specs(embeds, pooled))
     prompt_embeds, pooled_prompt_embeds = out
     clip = prompt_embeds[:clip_tokens]  # (77, D_t5): CLIP-L, CLIP-G, zeros (encode_prompt's padding)
     clip[:, :width_l].copy_(embeds[1])
@@ -199,6 +193,17 @@ def join_prompt_embeds(
     pooled_prompt_embeds[: pooled[1].shape[-1]].copy_(pooled[1])
     pooled_prompt_embeds[pooled[1].shape[-1] :].copy_(pooled[2])
     return prompt_embeds, pooled_prompt_embeds
+
+
+def _joined_specs(
+    embeds: dict[int, Tensor], pooled: dict[int, Tensor]
+) -> tuple[tuple[torch.dtype, tuple[int, ...]], tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of the prompt embeddings and of the pooled embeddings :func:`join_prompt_embeds` makes
+    from these parts: the dtype ``torch.cat`` would give."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in embeds.values()])
+    shape = (embeds[1].shape[-2] + embeds[3].shape[-2], embeds[3].shape[-1])  # (77 + L, D_t5)
+    pooled_dtype = torch.promote_types(pooled[1].dtype, pooled[2].dtype)
+    return (dtype, shape), (pooled_dtype, (pooled[1].shape[-1] + pooled[2].shape[-1],))
 
 
 def _read_joined_unchecked(example_dir: Path, variant: str) -> tuple[Tensor, Tensor]:
@@ -399,10 +404,10 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         """The batch of ``items`` as :func:`collate_packed` gives it in a loader worker, but each sample is
         written straight into its row of the worker's shared buffer: no per-sample tensors to copy in."""
         drawn = [self._read(item) for item in items]
-        specs = {}
-        for key, (dtype, shape) in drawn[0].specs.items():
-            dtypes = {d.specs[key][0] for d in drawn}
-            specs[key] = (dtype if len(dtypes) == 1 else torch.float32, (len(drawn), *shape))  # as collate
+        specs = {
+            key: (_batch_dtype([d.specs[key][0] for d in drawn]), (len(drawn), *shape))  # as collate's
+            for key, (_, shape) in drawn[0].specs.items()
+        }
         fields = {"id": [self.ids[d.index] for d in drawn], "variant": [d.variant for d in drawn]}
         batch, views = _packed_batch(fields, specs)
         for row, d in enumerate(drawn):
@@ -430,22 +435,16 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         if dropped:
             variant = EMPTY_VARIANT
             prompt = None
-            prompt_dtype, prompt_shape = self.empty_prompt_embeds.dtype, self.empty_prompt_embeds.shape
-            pooled_dtype, pooled_shape = (
-                self.empty_pooled_prompt_embeds.dtype,
-                self.empty_pooled_prompt_embeds.shape,
+            prompt_spec, pooled_spec = (
+                (t.dtype, tuple(t.shape)) for t in (self.empty_prompt_embeds, self.empty_pooled_prompt_embeds)
             )
         else:
             prompt = _read_parts_unchecked(example_dir, variant)
-            embeds, pooled = prompt
-            prompt_dtype = functools.reduce(torch.promote_types, [t.dtype for t in embeds.values()])
-            pooled_dtype = torch.promote_types(pooled[1].dtype, pooled[2].dtype)
-            prompt_shape = (embeds[1].shape[0] + embeds[3].shape[0], embeds[3].shape[1])
-            pooled_shape = (pooled[1].shape[0] + pooled[2].shape[0],)
+            prompt_spec, pooled_spec = _joined_specs(*prompt)
         specs = {
             "latents": (torch.float32, tuple(mean.shape)),
-            "prompt_embeds": (prompt_dtype, tuple(prompt_shape)),
-            "pooled_prompt_embeds": (pooled_dtype, tuple(pooled_shape)),
+            "prompt_embeds": prompt_spec,
+            "pooled_prompt_embeds": pooled_spec,
         }
         if self.noise_draw is not None:
             specs.update(sigmas=(torch.float32, ()), noise=(torch.float32, tuple(mean.shape)))
@@ -476,11 +475,15 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         return sample
 
 
-def _same_dtype(tensors: list[Tensor]) -> list[Tensor]:
+def _batch_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     """Caches stored in different dtypes (say a float32 empty prompt among float16 captions) meet in float32."""
-    if any(t.dtype != tensors[0].dtype for t in tensors):
-        return [t.float() for t in tensors]
-    return tensors
+    return dtypes[0] if all(d == dtypes[0] for d in dtypes) else torch.float32
+
+
+def _same_dtype(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` in their :func:`_batch_dtype`."""
+    dtype = _batch_dtype([t.dtype for t in tensors])
+    return [t.to(dtype) for t in tensors]
 
 
 def collate(samples: list[dict]) -> dict:
@@ -638,7 +641,7 @@ def _packed_batch(
     layout, offset = [], _HEADER_BYTES
     for key, (dtype, shape) in specs.items():
         layout.append((key, dtype, shape, offset))
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         offset += -(-nbytes // 64) * 64  # each tensor 64-byte aligned
     slot = _take_slot(offset - _HEADER_BYTES)
     views = {key: _view(slot.buffer, dtype, shape, start) for key, dtype, shape, start in layout}
@@ -668,7 +671,7 @@ class PackedInWorkers(torch.utils.data.Dataset):
 
 
 def _view(buffer: Tensor, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> Tensor:
-    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    size = math.prod(shape) * dtype.itemsize
     return buffer[start : start + size].view(dtype).view(shape)
 
 
