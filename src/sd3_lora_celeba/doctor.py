@@ -75,13 +75,14 @@ def device_report() -> list[str]:
 def cpu_linears_line() -> str:
     """Which kernel the float32 CPU linears take here (models/cpu_linear.py), for fine-tuning and inference."""
     from sd3_lora_celeba.config import cpu_linears_choice
-    from sd3_lora_celeba.models.cpu_linear import onednn_chosen
+    from sd3_lora_celeba.models.cpu_linear import gelu_fusion_chosen, onednn_chosen
 
     def kind(training: bool) -> str:
         return "oneDNN" if onednn_chosen(training) else "BLAS"
 
+    gelu = "fused into oneDNN" if gelu_fusion_chosen() else "stock"
     return (
-        f"float32 CPU linears: fine-tune {kind(True)}, inference {kind(False)} "
+        f"float32 CPU linears: fine-tune {kind(True)}, inference {kind(False)}, inference GELU {gelu} "
         f"(SD3_CPU_LINEARS={cpu_linears_choice()})"
     )
 

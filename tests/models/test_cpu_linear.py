@@ -18,9 +18,9 @@ def calls(monkeypatch) -> list[tuple]:
     seen: list[tuple] = []
     real = cpu_linear.onednn_linear
 
-    def counting(x, weight, bias):
-        seen.append((tuple(x.shape), tuple(weight.shape)))
-        return real(x, weight, bias)
+    def counting(x, weight, bias, gelu_tanh=False):
+        seen.append((tuple(x.shape), tuple(weight.shape)) + (("gelu",) if gelu_tanh else ()))
+        return real(x, weight, bias, gelu_tanh=gelu_tanh)
 
     monkeypatch.setattr(cpu_linear, "onednn_linear", counting)
     return seen
@@ -176,30 +176,39 @@ def test_auto_takes_onednn_where_it_measured_faster():
 
 
 @pytest.mark.parametrize(
-    "setting, cpuinfo, fine_tune, generate",
+    "setting, cpuinfo, fine_tune, generate, gelu",
     [
-        ("", AMD_AVX512, "OneDnnLinear", "OneDnnLinear"),
-        ("auto", INTEL_AVX512, "OneDnnLinear", "Linear"),
-        (" Auto ", AMD_AVX2, "Linear", "Linear"),
-        ("onednn", AMD_AVX2, "OneDnnLinear", "OneDnnLinear"),
-        ("blas", AMD_AVX512, "Linear", "Linear"),
+        ("", AMD_AVX512, "OneDnnLinear", "OneDnnLinear", True),
+        ("auto", INTEL_AVX512, "OneDnnLinear", "Linear", True),
+        (" Auto ", AMD_AVX2, "Linear", "Linear", False),
+        ("onednn", AMD_AVX2, "OneDnnLinear", "OneDnnLinear", True),
+        ("blas", AMD_AVX512, "Linear", "Linear", False),
     ],
 )
-def test_the_pipeline_follows_the_cpu_or_the_environment(monkeypatch, setting, cpuinfo, fine_tune, generate):
+def test_the_pipeline_follows_the_cpu_or_the_environment(
+    monkeypatch, setting, cpuinfo, fine_tune, generate, gelu
+):
+    from diffusers.models.activations import GELU
+
     from sd3_lora_celeba.doctor import cpu_linears_line
     from sd3_lora_celeba.train import recipe
 
     monkeypatch.setenv("SD3_CPU_LINEARS", setting)
     monkeypatch.setattr(cpu_linear, "_cpuinfo", lambda: cpuinfo)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), GELU(4, 4, approximate="tanh"))
     recipe.choose_kernels(model, recipe.FineTuneConfig(train_dir=".", empty_prompt_dir="."))
     assert type(model[0]).__name__ == fine_tune
-    inference = torch.nn.Linear(2, 2)
+    assert type(model[1]) is GELU  # fine-tuning keeps the stock GELU
+    inference = torch.nn.Sequential(torch.nn.Linear(2, 2), GELU(2, 2, approximate="tanh"))
     swapped = cpu_linear.use_fast_cpu_linears(inference)  # what generate-images and the app call
-    assert swapped == (generate == "OneDnnLinear")
-    assert type(inference).__name__ == generate
+    linears = 2 if generate == "OneDnnLinear" else 0  # the GELU's projection is a linear too
+    assert swapped == linears + gelu
+    assert type(inference[0]).__name__ == generate
+    assert (type(inference[1]) is cpu_linear.gelu_projection_class()) == gelu
     kinds = {"OneDnnLinear": "oneDNN", "Linear": "BLAS"}
-    assert f"fine-tune {kinds[fine_tune]}, inference {kinds[generate]}" in cpu_linears_line()  # sd3 doctor
+    line = cpu_linears_line()  # sd3 doctor
+    assert f"fine-tune {kinds[fine_tune]}, inference {kinds[generate]}" in line
+    assert f"inference GELU {'fused into oneDNN' if gelu else 'stock'}" in line
 
 
 def test_a_bad_setting_is_one_line_before_any_command_runs(monkeypatch):
@@ -215,6 +224,84 @@ def test_a_bad_setting_is_one_line_before_any_command_runs(monkeypatch):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "SD3_CPU_LINEARS='mkl'" in lines[0] and "unset it" in lines[0], result.output
+
+
+def _gelu_pair(approximate: str = "tanh"):
+    """diffusers' GELU projection, and a copy of it given the fused class (when it takes it)."""
+    from diffusers.models.activations import GELU
+
+    torch.manual_seed(0)
+    stock, fused = GELU(96, 160, approximate=approximate), GELU(96, 160, approximate=approximate)
+    fused.load_state_dict(stock.state_dict())
+    keys = list(fused.state_dict())
+    swapped = cpu_linear.use_fused_gelu_projections(fused)
+    assert list(fused.state_dict()) == keys
+    return stock, fused, swapped
+
+
+def test_the_fused_gelu_projection_gives_diffusers_gelu_in_one_product(calls):
+    stock, fused, swapped = _gelu_pair()
+    assert swapped == 1 and type(fused).__name__ == "OneDnnGeluProjection"
+    x = torch.randn(5, 3, 96).transpose(0, 1)  # 3-D and not contiguous
+    with torch.no_grad():
+        got, expected = fused(x), stock(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert calls == [((3, 5, 96), (160, 96), "gelu")]
+    assert cpu_linear.use_fused_gelu_projections(fused) == 0  # already done
+    # the tanh GELU and not the exact one: the two differ by far more than the tolerance here
+    exact = torch.nn.functional.gelu(stock.proj(x))
+    assert (got - exact).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("case", ["graph", "trainable", "float64", "peft", "compiling"])
+def test_what_the_fused_gelu_does_not_cover_takes_the_stock_forward(calls, monkeypatch, case):
+    """Whatever records a graph (an input or projection that needs a gradient), other dtypes, a projection
+    peft wrapped, compiling: diffusers' own forward, with its gradients."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    stock, fused, _ = _gelu_pair()
+    x = torch.randn(4, 96)
+    records = case in ("graph", "trainable")  # "trainable": the projection's parameters need gradients
+    if case == "graph":
+        stock.requires_grad_(False), fused.requires_grad_(False)
+        x.requires_grad_()
+    if case == "float64":
+        stock.double(), fused.double()
+        x = x.double()
+    if case == "peft":
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=["proj"], init_lora_weights="gaussian")
+        stock, fused = inject_adapter_in_model(config, stock), inject_adapter_in_model(config, fused)
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.enable_grad() if records else torch.no_grad():
+        got, expected = fused(x), stock(x)
+    assert torch.equal(got, expected)
+    assert got.requires_grad == records
+    assert calls == []
+
+
+def test_only_tanh_gelus_on_the_cpu_are_swapped(monkeypatch):
+    assert _gelu_pair("none")[2] == 0
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    assert _gelu_pair()[2] == 0
+
+
+def test_an_sd3_transformer_with_fused_gelus_gives_the_same_prediction(calls):
+    stock = _tiny_sd3_lora(3, (1,), checkpointing=False).eval()
+    fused = _tiny_sd3_lora(3, (1,), checkpointing=False).eval()
+    # each block's image feed-forward, and the text one in every block but the last
+    assert cpu_linear.use_fused_gelu_projections(fused) == 3 + 2
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
+        pooled_projections=torch.randn(2, 24, generator=g),
+        timestep=torch.tensor([100.0, 700.0]),
+    )
+    with torch.no_grad():
+        got, expected = (m(**inputs, return_dict=False)[0] for m in (fused, stock))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 5 and all(c[-1] == "gelu" for c in calls)
 
 
 def _tiny_sd3_lora(num_layers: int, blocks: tuple[int, ...], checkpointing: bool, alpha: float | None = None):
