@@ -73,18 +73,14 @@ def device_report() -> list[str]:
 
 
 def cpu_linears_line() -> str:
-    """Which kernel the float32 CPU linears take here (models/cpu_linear.py), for fine-tuning and inference."""
+    """Which kernel the float32 CPU linears take here (models/cpu_linear.py), and whether inference fuses the
+    feed-forward's GELU into its up-projection."""
     from sd3_lora_celeba.config import cpu_linears_choice
     from sd3_lora_celeba.models.cpu_linear import gelu_fusion_chosen, onednn_chosen
 
-    def kind(training: bool) -> str:
-        return "oneDNN" if onednn_chosen(training) else "BLAS"
-
+    kind = "oneDNN" if onednn_chosen() else "BLAS"
     gelu = "fused into oneDNN" if gelu_fusion_chosen() else "stock"
-    return (
-        f"float32 CPU linears: fine-tune {kind(True)}, inference {kind(False)}, inference GELU {gelu} "
-        f"(SD3_CPU_LINEARS={cpu_linears_choice()})"
-    )
+    return f"float32 CPU linears: {kind}, inference GELU {gelu} (SD3_CPU_LINEARS={cpu_linears_choice()})"
 
 
 def model_reachability(model: str, timeout: float) -> tuple[bool, str]:

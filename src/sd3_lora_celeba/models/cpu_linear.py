@@ -3,11 +3,12 @@
 PyTorch sends a float32 ``nn.Linear`` on the CPU to its BLAS (MKL in the pip wheels). The oneDNN matmul that
 PyTorch also ships (the library behind its CPU convolutions) was faster on AMD EPYC development machines with
 AVX-512: on one thread 96-105 against 79-93 GFLOP/s (a 2048-square product and the MM-DiT's feed-forward shape).
-On an Intel Xeon with AVX-512 MKL won the forward products (a mid-size transformer call 4.5% faster, every
-MM-DiT shape by 2-14%) but oneDNN won a training step's forward and backward (by 4.7%); on an AMD EPYC without
-AVX-512 a transformer call took 1.5% longer with oneDNN. So :func:`use_fast_cpu_linears`, what the pipeline
-calls, takes oneDNN for training on CPUs with AVX-512 and for inference on AMD CPUs with AVX-512
-(:func:`cpu_prefers_onednn`), and the BLAS everywhere else; the environment variable ``SD3_CPU_LINEARS``
+On Intel Xeons with AVX-512 MKL won the forward products (a mid-size transformer call 4.5% faster, every
+MM-DiT shape by 2-14%) and, on an Ice Lake, the input-gradient products too (by 3-13%) and a training step's
+forward and backward (by 5%, twice); an earlier Intel machine had given that step to oneDNN by 4.7%. On an AMD
+EPYC without AVX-512 a transformer call took 1.5% longer with oneDNN. So :func:`use_fast_cpu_linears`, what the
+pipeline calls, takes oneDNN on AMD CPUs with AVX-512 (:func:`cpu_prefers_onednn`) and the BLAS everywhere
+else, for training and inference alike; the environment variable ``SD3_CPU_LINEARS``
 (``auto``, ``onednn``, ``blas``) overrides that. What it gives the train-step and generate benchmarks is in the
 README's Benchmarks section. The results agree to float32 rounding (the order of the additions differs, as
 between two BLAS builds).
@@ -129,12 +130,10 @@ def _avx512_vendor(cpuinfo: str) -> str | None:
     return vendor.group(1)
 
 
-def cpu_prefers_onednn(cpuinfo: str, training: bool = False) -> bool:
+def cpu_prefers_onednn(cpuinfo: str) -> bool:
     """The ``auto`` rule, from the text of ``/proc/cpuinfo``: oneDNN where it measured faster than MKL, that is
-    training on x86 CPUs with AVX-512 and inference on AMD ones with AVX-512; the BLAS everywhere else (Intel
-    inference, x86 without AVX-512, other architectures)."""
-    vendor = _avx512_vendor(cpuinfo)
-    return vendor is not None and (training or vendor == "AuthenticAMD")
+    AMD CPUs with AVX-512; the BLAS everywhere else (Intel, x86 without AVX-512, other architectures)."""
+    return _avx512_vendor(cpuinfo) == "AuthenticAMD"
 
 
 @functools.cache
@@ -146,14 +145,14 @@ def _cpuinfo() -> str:
         return ""
 
 
-def onednn_chosen(training: bool = False) -> bool:
+def onednn_chosen() -> bool:
     """Whether this run's float32 CPU linears go through oneDNN: ``SD3_CPU_LINEARS`` when set (``onednn``,
-    ``blas``), else the ``auto`` rule for this CPU and workload. A bad value is a one-line InputError
+    ``blas``), else the ``auto`` rule for this CPU. A bad value is a one-line InputError
     (:func:`~sd3_lora_celeba.config.cpu_linears_choice`, which the ``sd3`` command checks first thing)."""
     choice = cpu_linears_choice()
     if choice == "blas" or not onednn_available():
         return False
-    return choice == "onednn" or cpu_prefers_onednn(_cpuinfo(), training)
+    return choice == "onednn" or cpu_prefers_onednn(_cpuinfo())
 
 
 @functools.cache
@@ -211,8 +210,8 @@ def use_fused_gelu_projections(model: torch.nn.Module) -> int:
 
 def gelu_fusion_chosen() -> bool:
     """Whether inference fuses the tanh GELU into its up-projection's oneDNN product: ``SD3_CPU_LINEARS=onednn``,
-    or ``auto`` on an x86 CPU with AVX-512 (Intel included, whose other inference linears stay on the BLAS: the
-    fused product beat MKL's product and PyTorch's GELU). Not with ``blas``, and not without AVX-512, where it
+    or ``auto`` on an x86 CPU with AVX-512 (Intel included, whose other linears stay on the BLAS: the fused
+    product beat MKL's product and PyTorch's GELU). Not with ``blas``, and not without AVX-512, where it
     was not measured."""
     choice = cpu_linears_choice()
     if choice == "blas" or not onednn_available():
@@ -221,11 +220,11 @@ def gelu_fusion_chosen() -> bool:
 
 
 def use_fast_cpu_linears(model: torch.nn.Module, training: bool = False) -> int:
-    """The pipeline's choice of CPU linear kernel (``training``: fine-tune's step, forward and backward; else
-    inference): :func:`use_onednn_linears` where :func:`onednn_chosen`, otherwise nothing (the stock BLAS path);
-    for inference also :func:`use_fused_gelu_projections` where :func:`gelu_fusion_chosen`. Returns how many
-    modules were swapped."""
-    count = use_onednn_linears(model) if onednn_chosen(training) else 0
+    """The pipeline's choice of CPU linear kernel: :func:`use_onednn_linears` where :func:`onednn_chosen`,
+    otherwise nothing (the stock BLAS path); for inference (not ``training``, fine-tune's step, whose backward
+    needs the product before the GELU) also :func:`use_fused_gelu_projections` where :func:`gelu_fusion_chosen`.
+    Returns how many modules were swapped."""
+    count = use_onednn_linears(model) if onednn_chosen() else 0
     if not training and gelu_fusion_chosen():
         count += use_fused_gelu_projections(model)
     return count
