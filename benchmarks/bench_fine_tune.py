@@ -21,7 +21,8 @@ on CUDA the frozen weights in bf16 with bf16 autocast (what the diffusers script
 Configurations run interleaved (5 repeats after a warm-up, ``gc.collect()`` between them); rows give median
 and min seconds per step and peak memory (CUDA: peak allocated; CPU: not measured per configuration). Goal
 ``train-step``: plain / ours (median) >= 1.15 on CPU (``--quick`` compares the default step: on this CPU
-``--compile`` compiled the mid-size model in ~20 s and gave no gain, 6.9-7.1 s against 6.7-7.2 s per step),
+``--compile`` compiled the mid-size model in ~20 s and gave no gain, 6.9-7.1 s against 6.7-7.2 s per step, on
+the 2026-12-02 machine; on the Ice Lake Xeon of 2026-12-04 it gave 4.55 against 4.79 s),
 >= 1.3 on CUDA (the faster of ours' two rows, named in the last row). On a CPU the table ends with the
 same-maths ceiling (``ceiling.py``): ours' FLOPs at the best float32 matmul rate measured here. Measured on the
 2-core development machine (``OMP_NUM_THREADS=1``): 0.96x on 2026-12-02 before the oneDNN linears, 1.07x
