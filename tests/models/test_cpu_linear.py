@@ -287,13 +287,7 @@ def test_an_sd3_transformer_with_fused_gelus_gives_the_same_prediction(calls):
     fused = _tiny_sd3_lora(3, (1,), checkpointing=False).eval()
     # each block's image feed-forward, and the text one in every block but the last
     assert cpu_linear.use_fused_gelu_projections(fused) == 3 + 2
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(
-        hidden_states=torch.randn(2, 16, 8, 8, generator=g),
-        encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
-        pooled_projections=torch.randn(2, 24, generator=g),
-        timestep=torch.tensor([100.0, 700.0]),
-    )
+    inputs = _tiny_sd3_inputs()
     with torch.no_grad():
         got, expected = (m(**inputs, return_dict=False)[0] for m in (fused, stock))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -322,15 +316,20 @@ def _tiny_sd3_lora(num_layers: int, blocks: tuple[int, ...], checkpointing: bool
     return model.train()
 
 
-def _assert_same_sd3_gradients(stock, fast, count: int) -> None:
-    """One loss's LoRA gradients of the two models agree; ``count`` LoRA parameters have one."""
+def _tiny_sd3_inputs() -> dict:
+    """Seeded inputs of a batch of two for :func:`_tiny_sd3_lora`'s model."""
     g = torch.Generator().manual_seed(1)
-    inputs = dict(
+    return dict(
         hidden_states=torch.randn(2, 16, 8, 8, generator=g),
         encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
         pooled_projections=torch.randn(2, 24, generator=g),
         timestep=torch.tensor([100.0, 700.0]),
     )
+
+
+def _assert_same_sd3_gradients(stock, fast, count: int) -> None:
+    """One loss's LoRA gradients of the two models agree; ``count`` LoRA parameters have one."""
+    inputs = _tiny_sd3_inputs()
     for model in (stock, fast):
         model(**inputs, return_dict=False)[0].square().mean().backward()
     grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (stock, fast)]
