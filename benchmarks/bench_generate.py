@@ -13,7 +13,8 @@ runs:
   text encoders, ``load_lora_weights`` (unfused), one pipeline call per batch with the cached tensors,
   ``image.save(...png)`` in the loop.
 * ``ours``: the command's code path, ``load_generation_pipeline`` + ``generate_into`` (LoRA fused, on CUDA
-  fused q/k/v, on a CPU float32 linears through oneDNN where it is faster, PNGs written on a thread pool).
+  fused q/k/v, on a CPU float32 linears through oneDNN where it is faster and the feed-forward's tanh GELU
+  inside its up-projection's oneDNN product (x86 with AVX-512), PNGs written on a thread pool).
 * ``ours --compile`` (CUDA only, not part of the CPU goal; its compile time is reported separately).
 
 Model: ``--quick`` is the mid-size config (24 blocks, width 384, 64 x 64 latents = 512 px, SD3-medium cache
