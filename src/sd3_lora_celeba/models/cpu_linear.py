@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,14 +146,19 @@ def _cpuinfo() -> str:
         return ""
 
 
-def onednn_chosen() -> bool:
-    """Whether this run's float32 CPU linears go through oneDNN: ``SD3_CPU_LINEARS`` when set (``onednn``,
-    ``blas``), else the ``auto`` rule for this CPU. A bad value is a one-line InputError
+def _onednn_setting(auto_rule: Callable[[str], bool]) -> bool:
+    """``SD3_CPU_LINEARS`` when set (``onednn``, ``blas``), else ``auto_rule`` of this CPU's ``/proc/cpuinfo``;
+    never without oneDNN. A bad value is a one-line InputError
     (:func:`~sd3_lora_celeba.config.cpu_linears_choice`, which the ``sd3`` command checks first thing)."""
     choice = cpu_linears_choice()
     if choice == "blas" or not onednn_available():
         return False
-    return choice == "onednn" or cpu_prefers_onednn(_cpuinfo())
+    return choice == "onednn" or auto_rule(_cpuinfo())
+
+
+def onednn_chosen() -> bool:
+    """Whether this run's float32 CPU linears go through oneDNN (:func:`cpu_prefers_onednn` under ``auto``)."""
+    return _onednn_setting(cpu_prefers_onednn)
 
 
 @functools.cache
@@ -213,10 +219,7 @@ def gelu_fusion_chosen() -> bool:
     or ``auto`` on an x86 CPU with AVX-512 (Intel included, whose other linears stay on the BLAS: the fused
     product beat MKL's product and PyTorch's GELU). Not with ``blas``, and not without AVX-512, where it
     was not measured."""
-    choice = cpu_linears_choice()
-    if choice == "blas" or not onednn_available():
-        return False
-    return choice == "onednn" or _avx512_vendor(_cpuinfo()) is not None
+    return _onednn_setting(lambda cpuinfo: _avx512_vendor(cpuinfo) is not None)
 
 
 def use_fast_cpu_linears(model: torch.nn.Module, training: bool = False) -> int:
