@@ -12,7 +12,9 @@ Where a call has enough rows (:func:`merges_lora`), the function forms ``W + s B
 replaces the two rank-wide products into the output and into the input's gradient with one ``out x r x in``
 product: the same maths, rounded differently (relative 1e-6). On the 2-core AMD EPYC of 2026-12-04 (two
 threads) the mid-size fine-tune step (blocks 4-22, rank 64, 1024 image and 333 text rows per call) took 3.09
-against 3.13 s wall, 6.16 against 6.24 s CPU time (medians of 16, interleaved).
+against 3.13 s wall, 6.16 against 6.24 s CPU time (medians of 16, interleaved). The formed weight is kept for
+the backward (``out x in`` floats per call: 9 MiB at SD3-medium's width, for the blocks whose activations are
+kept at once: one block with gradient checkpointing).
 The base products take the kernel of the base layer (:mod:`~sd3_lora_celeba.models.cpu_linear`). Anything
 peft's forward does beyond one plain adapter (dropout, DoRA and other variants, several adapters, a merged or
 disabled adapter, autocast, other dtypes, a trainable base, ``torch.compile``) takes peft's forward unchanged.
