@@ -1,4 +1,4 @@
-"""peft's LoRA linears of a CPU training run as one autograd function: the same products, fewer passes.
+"""peft's LoRA linears of a CPU training run as one autograd function: the same maths, fewer passes.
 
 :func:`use_lora_linear_function` gives peft's LoRA linears the class :class:`LoraLinear`, whose forward is one
 autograd function for ``x W^T + b + s (x A^T) B^T`` (frozen ``W``, ``b``; trainable ``A``, ``B``; scale ``s``).
@@ -58,10 +58,9 @@ class _LoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.onednn, ctx.merged = scaling, onednn, merged
         if merged:  # W + s B A: one product of the input, and one of the input's gradient
             weight = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
-            out = _product(rows, weight, bias, onednn)
-        else:
-            out = _product(rows, weight, bias, onednn)  # (N, out), a fresh tensor: added into in place
-            out.addmm_(h, lora_b.t(), alpha=scaling)
+        out = _product(rows, weight, bias, onednn)  # (N, out), a fresh tensor
+        if not merged:
+            out.addmm_(h, lora_b.t(), alpha=scaling)  # the LoRA product added in place
         ctx.save_for_backward(rows, h, weight, lora_a, lora_b)
         return out.view(*x.shape[:-1], out.shape[-1])
 
